@@ -1,0 +1,202 @@
+"""Every command-line flag of ``python -m train.train`` (SPEC §2), with defaults, help and validation.
+
+The flags are the fields of :class:`TrainConfig`; ``--help`` is built from the field metadata.
+:func:`validate` checks everything that can be checked before a model is loaded and returns
+all problems at once, so a run never fails minutes in on a bad combination.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+
+
+def opt(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    # ---------------------------------------------------------------- model and data
+    model_type: str = opt("flux", "Base model family. Only 'flux' (FLUX.1-Fill-dev) exists.")
+    pretrained_model_name_or_path: str | None = opt(None, "Diffusers-layout FLUX.1-Fill folder (transformer/, vae/, "
+                                                          "text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/, "
+                                                          "scheduler/).", required=True)
+    siglip_path: str | None = opt(None, "SigLIP vision model folder (e.g. siglip-so400m-patch14-384).", required=True)
+    train_data_json: str | None = opt(None, "Training data: a .json list, a .jsonl file, or a benchmark-layout "
+                                            "folder (self_bench.txt + test{N}_{source,mask,ref}.png).", required=True)
+    output_dir: str | None = opt(None, "Where checkpoints, logs/ (TensorBoard) and train_log.txt go.", required=True)
+    resolution: int = opt(512, "Side of the square the source is resized and centre-cropped to (multiple of 16).")
+    no_reference_strip: bool = opt(False, "Do not paste the reference above the source as an in-context strip.")
+    reference_strip_height: int = opt(0, "Fixed height (multiple of 16) of the reference strip. 0 = the official "
+                                         "rule (follows each reference's aspect ratio), which batches only "
+                                         "references of one aspect ratio.")
+    max_sequence_length: int = opt(512, "T5 prompt length in tokens (FLUX.1-Fill uses 512).")
+    num_tokens: int = opt(128, "Style tokens produced by the image projection (the released adapter uses 128).")
+    initial_ip_adapter_path: str | None = opt(None, "Start from these adapter weights (ip-adapter.bin or the official "
+                                                    "calligrapher.bin layout).")
+    offload_text_encoder_two: bool = opt(False, "Run T5 on the CPU while filling the prompt-embedding cache (it is "
+                                                "freed afterwards either way).")
+    prompt_cache_dir: str | None = opt(None, "Disk cache of prompt embeddings (default OUTPUT_DIR/prompt_cache).")
+    dataloader_num_workers: int = opt(0, "DataLoader worker processes.")
+
+    # ---------------------------------------------------------------- optimisation
+    train_batch_size: int = opt(1, "Samples per process per micro-batch.")
+    gradient_accumulation_steps: int = opt(1, "Micro-batches per optimizer step.")
+    learning_rate: float = opt(1e-4, "AdamW learning rate.")
+    lr_scheduler: str = opt("constant", "LR schedule.", choices=("constant", "constant_with_warmup", "linear", "cosine"))
+    lr_warmup_steps: int = opt(0, "LR warm-up in optimizer steps.")
+    adam_beta1: float = opt(0.9, "AdamW beta1.")
+    adam_beta2: float = opt(0.999, "AdamW beta2.")
+    adam_weight_decay: float = opt(1e-2, "AdamW weight decay.")
+    adam_epsilon: float = opt(1e-8, "AdamW epsilon.")
+    use_8bit_adam: bool = opt(False, "8-bit AdamW from bitsandbytes (CUDA only).")
+    max_grad_norm: float = opt(1.0, "Gradient clipping norm (0 disables).")
+    max_train_steps: int | None = opt(None, "Optimizer steps to train (global_step counts optimizer steps).",
+                                      required=True)
+    mixed_precision: str = opt("no", "Autocast precision; the frozen base model is stored in this dtype.",
+                               choices=("no", "fp16", "bf16"))
+    gradient_checkpointing: bool = opt(False, "Recompute transformer activations in backward to save memory.")
+    masked_loss_weight: float = opt(1.0, "Flow-matching loss weight inside the mask relative to outside (1 = plain MSE).")
+    seed: int = opt(0, "Seed for data order, noise and timesteps (all keyed per sample, so layouts agree).")
+
+    # ---------------------------------------------------------------- checkpoints and logging
+    checkpointing_steps: int = opt(500, "Write OUTPUT_DIR/checkpoint-{step}/ every N optimizer steps (and at the end).")
+    checkpoints_total_limit: int | None = opt(None, "Keep at most this many checkpoints (oldest removed first).")
+    resume_from_checkpoint: str | None = opt(None, "A checkpoint folder, or 'latest' (newest complete one in "
+                                                   "OUTPUT_DIR; starts fresh when there is none).")
+    report_to: str = opt("tensorboard", "Tracker for metrics ('tensorboard' or 'none').", choices=("tensorboard", "none"))
+    logging_steps: int = opt(1, "Log metrics every N optimizer steps.")
+
+    # ---------------------------------------------------------------- EMA
+    use_ema: bool = opt(False, "Keep an exponential moving average of the adapter weights.")
+    ema_decay: float = opt(0.9999, "Maximum EMA decay; effective decay is min((1+s)/(10+s), ema_decay).")
+    ema_update_interval: int = opt(1, "Update the EMA every N optimizer steps.")
+    ema_device: str = opt("same", "Where the EMA copy lives.", choices=("same", "cpu"))
+
+    # ---------------------------------------------------------------- RL (common)
+    use_rl: bool = opt(False, "Switch to online RL after --rl_warmup_steps supervised steps.")
+    rl_method: str = opt("grpo", "RL method.", choices=("grpo", "nft"))
+    rl_warmup_steps: int = opt(1000, "Supervised optimizer steps before RL starts.")
+    rl_num_images_per_prompt: int = opt(1, "Rollouts per dataset sample (group size k).")
+    rl_num_batches_per_epoch: int = opt(1, "Rollout batches per RL epoch.")
+    rl_num_inference_steps: int = opt(50, "Sampler steps per rollout.")
+    rl_guidance_scale: float = opt(3.5, "Guidance (embedded; FLUX-Fill is guidance-distilled) for rollouts.")
+    rl_timestep_fraction: float = opt(1.0, "Fraction of sampler steps trained per sample.")
+    rl_num_inner_epochs: int = opt(1, "Passes over each RL epoch's rollouts.")
+    rl_adv_clip_max: float = opt(5.0, "Advantages are clamped to [-max, max].")
+    rl_per_prompt_stat_tracking: bool = opt(False, "Normalise rewards within each group (needs k > 1).")
+    rl_kl_beta: float | None = opt(None, "KL weight to the RL-start adapter (default 0.1 for grpo, 0.01 for nft).")
+    rl_grpo_clip_range: float = opt(0.2, "GRPO ratio clip range.")
+    rl_noise_level: float = opt(0.7, "GRPO SDE noise level a.")
+    nft_beta: float = opt(0.5, "DiffusionNFT mixing coefficient beta.")
+    nft_adv_mode: str = opt("normal", "How NFT uses advantages.",
+                            choices=("normal", "positive_only", "negative_only", "one_only", "binary"))
+    nft_decay_type: int = opt(0, "Old-adapter update schedule (0, 1 or 2; see the guide).", choices=(0, 1, 2))
+
+    # ---------------------------------------------------------------- rewards
+    reward_server_url: str | None = opt(None, "Comma-separated reward server URLs (absent = score in-process).")
+    reward_weights: str = opt("ocr=0.7,style=0.2,background=0.1", "Weights of the reward scorers.")
+    reward_failure_budget: float = opt(0.0, "Fraction of an epoch's samples whose reward may fail; they are dropped "
+                                            "from the advantages. Above it the step fails (0 = any failure fails).")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m train.train",
+        description="Train the Calligrapher style adapter on FLUX.1-Fill: supervised flow matching, then online RL.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    for f in fields(TrainConfig):
+        meta, flag = f.metadata, f"--{f.name}"
+        help_text = meta["help"] + (" (required)" if meta.get("required") else "")
+        if f.type == "bool":
+            parser.add_argument(flag, action="store_true", help=help_text)
+            continue
+        kind = {"int": int, "float": float, "int | None": int, "float | None": float}.get(f.type, str)
+        default = None if f.default is MISSING else f.default
+        parser.add_argument(flag, type=kind, default=default, choices=meta.get("choices"), help=help_text)
+    return parser
+
+
+def parse_args(argv=None) -> TrainConfig:
+    ns = build_parser().parse_args(argv)
+    cfg = TrainConfig(**vars(ns))
+    if cfg.rl_kl_beta is None:  # method-dependent default, resolved after parsing
+        cfg.rl_kl_beta = 0.1 if cfg.rl_method == "grpo" else 0.01
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> list[str]:
+    """Every problem with the configuration, each naming its flag. Empty list = fine."""
+    p: list[str] = []
+    for f in fields(TrainConfig):
+        if f.metadata.get("required") and getattr(cfg, f.name) in (None, ""):
+            p.append(f"--{f.name} is required")
+    if cfg.model_type != "flux":
+        p.append(f"--model_type {cfg.model_type!r} is not supported; only 'flux' (FLUX.1-Fill-dev) exists")
+    for name in ("pretrained_model_name_or_path", "siglip_path"):
+        v = getattr(cfg, name)
+        if v and not Path(v).is_dir():
+            p.append(f"--{name} {v} is not a folder")
+    if cfg.train_data_json and not Path(cfg.train_data_json).exists():
+        p.append(f"--train_data_json {cfg.train_data_json} does not exist")
+    if cfg.initial_ip_adapter_path and not Path(cfg.initial_ip_adapter_path).is_file():
+        p.append(f"--initial_ip_adapter_path {cfg.initial_ip_adapter_path} is not a file")
+    if cfg.resume_from_checkpoint not in (None, "latest") and not Path(cfg.resume_from_checkpoint).is_dir():
+        p.append(f"--resume_from_checkpoint {cfg.resume_from_checkpoint} is not a checkpoint folder (or 'latest')")
+    if cfg.resolution <= 0 or cfg.resolution % 16:
+        p.append(f"--resolution {cfg.resolution} must be a positive multiple of 16 (FLUX packs 2x2 latents of an 8x VAE)")
+    positive = ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "checkpointing_steps",
+                "logging_steps", "ema_update_interval", "num_tokens", "max_sequence_length",
+                "rl_num_images_per_prompt", "rl_num_batches_per_epoch", "rl_num_inference_steps", "rl_num_inner_epochs")
+    for name in positive:
+        v = getattr(cfg, name)
+        if v is not None and v <= 0:
+            p.append(f"--{name} must be positive, got {v}")
+    if cfg.reference_strip_height < 0 or cfg.reference_strip_height % 16:
+        p.append(f"--reference_strip_height {cfg.reference_strip_height} must be 0 or a positive multiple of 16")
+    if cfg.max_sequence_length > 512:
+        p.append(f"--max_sequence_length {cfg.max_sequence_length} exceeds T5's 512 tokens")
+    if cfg.learning_rate <= 0:
+        p.append(f"--learning_rate must be positive, got {cfg.learning_rate}")
+    if cfg.checkpoints_total_limit is not None and cfg.checkpoints_total_limit < 1:
+        p.append("--checkpoints_total_limit must be at least 1")
+    if not 0 < cfg.ema_decay < 1:
+        p.append(f"--ema_decay must be in (0, 1), got {cfg.ema_decay}")
+    if not 0 < cfg.rl_timestep_fraction <= 1:
+        p.append(f"--rl_timestep_fraction must be in (0, 1], got {cfg.rl_timestep_fraction}")
+    if not 0 <= cfg.reward_failure_budget < 1:
+        p.append(f"--reward_failure_budget must be in [0, 1), got {cfg.reward_failure_budget}")
+    if cfg.masked_loss_weight < 0:
+        p.append("--masked_loss_weight must be non-negative")
+    if cfg.rl_per_prompt_stat_tracking and cfg.rl_num_images_per_prompt < 2:
+        p.append("--rl_per_prompt_stat_tracking needs --rl_num_images_per_prompt >= 2: with one image per prompt "
+                 "every group has zero spread and every advantage would be 0")
+    if cfg.use_8bit_adam:
+        p.extend(_check_8bit_adam())
+    if cfg.use_rl:
+        p.append("--use_rl: the online RL loops (GRPO / DiffusionNFT) are not part of this release; "
+                 "run supervised training without --use_rl")
+    return p
+
+
+def _check_8bit_adam() -> list[str]:
+    import importlib.util
+
+    import torch
+
+    if not torch.cuda.is_available():
+        return ["--use_8bit_adam needs a CUDA GPU (bitsandbytes' 8-bit AdamW has no CPU kernel)"]
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return ["--use_8bit_adam needs bitsandbytes: pip install bitsandbytes"]
+    return []
+
+
+def env_int(name: str, default: int) -> int:
+    return int(os.environ.get(name, default))

@@ -1,0 +1,34 @@
+"""Entry point: ``python -m train.train --help``.
+
+    parse flags -> validate everything at start-up -> build the trainer -> run.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from .config import parse_args, validate
+
+
+def main(argv=None) -> int:
+    cfg = parse_args(argv)
+    problems = validate(cfg)
+    if problems:
+        for p in problems:
+            print(f"error: {p}", file=sys.stderr)
+        return 2
+    from .data.dataset import DatasetError
+    from .trainer import Trainer
+
+    trainer = Trainer(cfg)
+    try:
+        trainer.setup()
+    except DatasetError as exc:
+        print(f"error: --train_data_json {cfg.train_data_json}: {exc}", file=sys.stderr)
+        return 2
+    trainer.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
