@@ -123,7 +123,7 @@ class Trainer:
             model.pipe.text_encoder_2.to("cpu")
         encode_fn = make_encode_fn(model, cfg.max_sequence_length)
         cache_dir = Path(cfg.prompt_cache_dir) if cfg.prompt_cache_dir else out / "prompt_cache"
-        ident = encoder_identity(cfg.pretrained_model_name_or_path, cfg.max_sequence_length)
+        ident = encoder_identity(cfg.pretrained_model_name_or_path, cfg.max_sequence_length, extra=str(model.dtype))
         self.prompts = PromptCache(encode_fn, ident, cache_dir)
         if acc.is_main_process:
             self.prompts.warm(self.dataset.texts)
@@ -206,11 +206,13 @@ class Trainer:
         return flow_matching_loss(pred, target, weights)
 
     # ------------------------------------------------------------------ the loop
-    def run(self) -> Path | None:
+    def run(self, stop_at: int | None = None) -> Path | None:
+        """Train to ``--max_train_steps`` (or stop early after optimizer step ``stop_at``, as an interruption would)."""
         cfg, acc = self.cfg, self.accelerator
         last_ckpt = None
         step_start, losses = time.perf_counter(), []
-        while self.global_step < cfg.max_train_steps:
+        end = cfg.max_train_steps if stop_at is None else min(stop_at, cfg.max_train_steps)
+        while self.global_step < end:
             batch, keys = self._next_micro_batch()
             with acc.accumulate(self.adapter):
                 loss = self.train_step(batch, keys)

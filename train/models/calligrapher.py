@@ -146,9 +146,13 @@ class Calligrapher:
 
     @torch.no_grad()
     def encode_latents(self, pixels: torch.Tensor, generator=None) -> torch.Tensor:
-        """Pixels ``[B, 3, H, W]`` -> packed normalised latents ``[B, L, 64]``."""
+        """Pixels ``[B, 3, H, W]`` -> packed normalised latents ``[B, L, 64]``.
+
+        With a ``generator`` the VAE posterior is sampled (as ``FluxFillPipeline`` does); without
+        one its mean is used, so the result does not depend on any global random state.
+        """
         cfg = self.vae.config
-        z = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist.sample(generator)
+        z = self._vae_encode(pixels, generator)
         z = (z - cfg.shift_factor) * cfg.scaling_factor
         return self.pack(z)
 
@@ -158,6 +162,10 @@ class Calligrapher:
         cfg = self.vae.config
         z = self.unpack(packed, latent_size) / cfg.scaling_factor + cfg.shift_factor
         return self.vae.decode(z.to(self.vae.dtype), return_dict=False)[0].clamp(-1, 1)
+
+    def _vae_encode(self, pixels: torch.Tensor, generator=None) -> torch.Tensor:
+        dist = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist
+        return dist.sample(generator) if generator is not None else dist.mode()
 
     @staticmethod
     def pack(z: torch.Tensor) -> torch.Tensor:
@@ -174,12 +182,18 @@ class Calligrapher:
     @torch.no_grad()
     def prepare_condition(self, source: torch.Tensor, mask: torch.Tensor, prompt_embeds, pooled_prompt_embeds,
                           text_ids, style_embeds, guidance_scale: float, generator=None) -> FillConditioning:
-        """FLUX-Fill conditioning exactly as ``FluxFillPipeline`` builds it (its own helpers are reused)."""
+        """FLUX-Fill conditioning exactly as ``FluxFillPipeline`` builds it (its own helpers are reused).
+
+        The masked image's VAE posterior is sampled with ``generator`` (the pipeline's behaviour)
+        or, without one, replaced by its mean: deterministic, whatever the batch layout.
+        """
         pipe = self.pipe
         b, _, height, width = source.shape
         dtype = self.dtype
         source, mask = source.to(self.device, torch.float32), mask.to(self.device, torch.float32)
         masked = (source * (1 - mask)).to(dtype)
+        if generator is None:  # raw latents: prepare_mask_latents then applies shift / scale and packs
+            masked = self._vae_encode(masked).to(dtype)
         mask_packed, masked_latents = pipe.prepare_mask_latents(
             mask, masked, b, self.vae.config.latent_channels, 1, height, width, dtype, self.device, generator
         )

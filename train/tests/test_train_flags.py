@@ -1,0 +1,96 @@
+"""Start-up validation: bad flags fail before any model is loaded, one clear line each (SPEC §2)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from train.config import build_parser, parse_args, validate
+from train.train import main
+
+
+@pytest.fixture()
+def good_args(tiny_models, tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text("")
+    return ["--pretrained_model_name_or_path", str(tiny_models["flux"]), "--siglip_path", str(tiny_models["siglip"]),
+            "--train_data_json", str(data), "--output_dir", str(tmp_path / "out"), "--max_train_steps", "1"]
+
+
+def _errors(capsys, argv):
+    assert main(argv) == 2
+    return [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+
+
+def test_defaults_are_the_contract():
+    cfg = parse_args(["--max_train_steps", "1"])
+    assert (cfg.resolution, cfg.train_batch_size, cfg.learning_rate, cfg.checkpointing_steps) == (512, 1, 1e-4, 500)
+    assert (cfg.max_grad_norm, cfg.num_tokens, cfg.ema_decay, cfg.rl_warmup_steps) == (1.0, 128, 0.9999, 1000)
+    assert (cfg.rl_method, cfg.rl_num_inference_steps, cfg.rl_guidance_scale, cfg.rl_adv_clip_max) == ("grpo", 50, 3.5, 5.0)
+    assert (cfg.rl_grpo_clip_range, cfg.rl_noise_level, cfg.nft_beta, cfg.nft_adv_mode) == (0.2, 0.7, 0.5, "normal")
+    assert cfg.rl_kl_beta == 0.1 and parse_args(["--rl_method", "nft"]).rl_kl_beta == 0.01
+    assert parse_args(["--rl_method", "nft", "--rl_kl_beta", "0.5"]).rl_kl_beta == 0.5
+    assert (cfg.report_to, cfg.ema_device, cfg.mixed_precision, cfg.nft_decay_type) == ("tensorboard", "same", "no", 0)
+
+
+def test_help_lists_every_flag():
+    text = build_parser().format_help()
+    for flag in ("--model_type", "--use_8bit_adam", "--ema_device", "--rl_per_prompt_stat_tracking",
+                 "--nft_decay_type", "--reward_server_url", "--reward_weights", "--offload_text_encoder_two"):
+        assert flag in text
+
+
+def test_unknown_model_type(capsys, good_args):
+    assert _errors(capsys, good_args + ["--model_type", "sd3"]) == [
+        "error: --model_type 'sd3' is not supported; only 'flux' (FLUX.1-Fill-dev) exists"]
+
+
+def test_per_prompt_tracking_with_one_image(capsys, good_args):
+    errs = _errors(capsys, good_args + ["--rl_per_prompt_stat_tracking"])
+    assert any("--rl_per_prompt_stat_tracking needs --rl_num_images_per_prompt >= 2" in e and "advantage" in e
+               for e in errs)
+
+
+def test_missing_paths_reported_together(capsys, tmp_path):
+    errs = _errors(capsys, ["--pretrained_model_name_or_path", str(tmp_path / "nope"), "--siglip_path",
+                            str(tmp_path / "nosig"), "--train_data_json", str(tmp_path / "no.jsonl"),
+                            "--output_dir", str(tmp_path / "o"), "--max_train_steps", "1"])
+    assert f"error: --pretrained_model_name_or_path {tmp_path / 'nope'} is not a folder" in errs
+    assert f"error: --siglip_path {tmp_path / 'nosig'} is not a folder" in errs
+    assert f"error: --train_data_json {tmp_path / 'no.jsonl'} does not exist" in errs
+
+
+def test_required_and_ranges(capsys, good_args):
+    errs = _errors(capsys, good_args + ["--resolution", "500", "--ema_decay", "1.5", "--train_batch_size", "0"])
+    assert any("--resolution 500 must be a positive multiple of 16" in e for e in errs)
+    assert any("--ema_decay must be in (0, 1)" in e for e in errs)
+    assert any("--train_batch_size must be positive" in e for e in errs)
+    assert "--output_dir is required" in " ".join(validate(parse_args([])))
+
+
+def test_8bit_adam_without_cuda(capsys, good_args):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert any("--use_8bit_adam needs a CUDA GPU" in e for e in _errors(capsys, good_args + ["--use_8bit_adam"]))
+
+
+def test_rl_refused_clearly(capsys, good_args):
+    assert any("--use_rl" in e and "not part of this release" in e for e in _errors(capsys, good_args + ["--use_rl"]))
+
+
+def test_bad_dataset_fails_at_start_up_naming_the_record(tmp_path, good_args, capsys):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"source": "missing.png", "mask": "m.png", "text": ""}\n')
+    argv = [a if a != good_args[5] else str(data) for a in good_args]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "missing.png" in err and "empty text" in err.lower()
+
+
+def test_cli_module_entry_point_help():
+    res = subprocess.run([sys.executable, "-m", "train.train", "--help"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "--rl_grpo_clip_range" in res.stdout
