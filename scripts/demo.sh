@@ -28,7 +28,7 @@ $PY -m train.export --checkpoint "$D/train/checkpoint-20" --out "$D/calligrapher
 $PY -m train.evaluate \
   --pretrained_model_name_or_path "$D/models/flux-fill" --siglip_path "$D/models/siglip" \
   --ip_adapter_path "$D/train/checkpoint-20" --label live \
-  --ip_adapter_path "$D/calligrapher.bin" --label exported \
+  --ip_adapter_path "$D/train/checkpoint-20@ema" --label ema \
   --data "$D/data/data.jsonl" --limit 4 --output_dir "$D/eval" \
   --resolution 64 --max_sequence_length 32 --num_inference_steps 4 --guidance_scale 30
 echo "demo finished: TensorBoard logs in $D/train/logs, report in $D/eval/report.html"

@@ -59,6 +59,8 @@ class TrainConfig:
     mixed_precision: str = opt("no", "Autocast precision; the frozen base model is stored in this dtype.",
                                choices=("no", "fp16", "bf16"))
     gradient_checkpointing: bool = opt(False, "Recompute transformer activations in backward to save memory.")
+    guidance_scale: float = opt(30.0, "Guidance value fed to FLUX-Fill's guidance embedding during supervised "
+                                      "training (the official inference default is 30).")
     masked_loss_weight: float = opt(1.0, "Flow-matching loss weight inside the mask relative to outside (1 = plain MSE).")
     seed: int = opt(0, "Seed for data order, noise and timesteps (all keyed per sample, so layouts agree).")
 

@@ -158,20 +158,32 @@ class Trainer:
         print(f"resumed from {path} at global_step {self.global_step}", flush=True)
 
     # ------------------------------------------------------------------ data
-    def _epoch_order(self, epoch: int) -> list[int]:
+    def epoch_order(self, epoch: int) -> list[int]:
+        """Dataset indices in the order epoch ``epoch`` visits them (the same on every rank)."""
         g = torch.Generator().manual_seed(self.cfg.seed * 7919 + epoch)
         return torch.randperm(len(self.dataset), generator=g).tolist()
 
-    def _next_micro_batch(self):
-        """This rank's slice of the next global micro-batch, plus each sample's (epoch, position) key."""
-        if self.position >= self.batches_per_epoch:
-            self.epoch, self.position = self.epoch + 1, 0
-        order = self._epoch_order(self.epoch)
-        start = self.position * self.global_batch + self.accelerator.process_index * self.cfg.train_batch_size
-        positions = list(range(start, start + self.cfg.train_batch_size))
-        self.position += 1
-        batch = collate_samples([self.dataset[order[p]] for p in positions])
-        return batch, [(self.epoch, p) for p in positions]
+    def _rank_batches(self, epoch: int, position: int):
+        """From (epoch, position) on, forever: this rank's slice of each global micro-batch as
+        ``(dataset index, epoch, position in epoch)`` triples."""
+        b, rank = self.cfg.train_batch_size, self.accelerator.process_index
+        while True:
+            order = self.epoch_order(epoch)
+            for m in range(position, self.batches_per_epoch):
+                start = m * self.global_batch + rank * b
+                yield [(order[p], epoch, p) for p in range(start, start + b)]
+            epoch, position = epoch + 1, 0
+
+    def _loader(self):
+        """Batches (with their sample keys) continuing exactly where the run stands; workers optional."""
+        dataset = _KeyedSamples(self.dataset)
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=self._rank_batches(self.epoch, self.position),
+                                             collate_fn=_collate_keyed, num_workers=self.cfg.dataloader_num_workers)
+        for batch, keys in loader:
+            if self.position >= self.batches_per_epoch:
+                self.epoch, self.position = self.epoch + 1, 0
+            self.position += 1
+            yield batch, keys
 
     def _style_embeds(self, batch) -> torch.Tensor:
         """Pooled SigLIP embeddings, computed once per sample (the encoder is frozen)."""
@@ -187,7 +199,7 @@ class Trainer:
         model = self.model
         embeds, pooled, text_ids = self.prompts.get(batch.texts)
         cond = model.prepare_condition(batch.image, batch.mask, embeds, pooled, text_ids,
-                                       self._style_embeds(batch), guidance_scale=1.0)
+                                       self._style_embeds(batch), guidance_scale=self.cfg.guidance_scale)
         x0 = model.encode_latents(batch.image)
         draws = [sample_generator(self.cfg.seed, e, p) for e, p in keys]
         noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in draws]).to(x0.device, x0.dtype)
@@ -212,8 +224,9 @@ class Trainer:
         last_ckpt = None
         step_start, losses = time.perf_counter(), []
         end = cfg.max_train_steps if stop_at is None else min(stop_at, cfg.max_train_steps)
+        batches = self._loader()
         while self.global_step < end:
-            batch, keys = self._next_micro_batch()
+            batch, keys = next(batches)
             with acc.accumulate(self.adapter):
                 loss = self.train_step(batch, keys)
                 acc.backward(loss)
@@ -247,6 +260,7 @@ class Trainer:
             if self.global_step % cfg.checkpointing_steps == 0 or self.global_step == cfg.max_train_steps:
                 last_ckpt = self.save()
             step_start, losses = time.perf_counter(), []
+        batches.close()
         self.monitor.close()
         return last_ckpt
 
@@ -257,3 +271,21 @@ class Trainer:
                                     ema=self.ema, total_limit=self.cfg.checkpoints_total_limit)
         self.monitor.line(f"saved {path}")
         return path
+
+
+class _KeyedSamples(torch.utils.data.Dataset):
+    """Indexed by ``(dataset index, epoch, position)`` so each prepared sample travels with its key."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        index, epoch, position = key
+        return self.dataset[index], (epoch, position)
+
+
+def _collate_keyed(items):
+    return collate_samples([s for s, _ in items]), [k for _, k in items]

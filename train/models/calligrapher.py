@@ -88,7 +88,7 @@ class Calligrapher:
         ``load_text_encoders=False`` skips CLIP/T5 (use with cached prompt embeddings).
         """
         from diffusers import FluxFillPipeline
-        from transformers import SiglipImageProcessor, SiglipVisionModel
+        from transformers import SiglipImageProcessorPil as SiglipImageProcessor, SiglipVisionModel
 
         extra = {} if load_text_encoders else {"text_encoder": None, "text_encoder_2": None}
         pipe = FluxFillPipeline.from_pretrained(flux_path, dtype=dtype, **extra).to(device)

@@ -145,7 +145,7 @@ def write_tiny_flux_fill(out: str | os.PathLike, seed: int = 0) -> Path:
 
 def write_tiny_siglip(out: str | os.PathLike, seed: int = 0) -> Path:
     """Write a tiny SigLIP vision tower plus its image-processor config."""
-    from transformers import SiglipImageProcessor
+    from transformers import SiglipImageProcessorPil as SiglipImageProcessor
 
     out = Path(out)
     torch.manual_seed(seed)
