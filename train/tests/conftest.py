@@ -29,3 +29,13 @@ def calligrapher(tiny_models):
 
     torch.manual_seed(0)
     return Calligrapher.from_pretrained(tiny_models["flux"], tiny_models["siglip"], num_tokens=8)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """accelerate keeps process-wide singletons; each test's run starts from a clean state."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()

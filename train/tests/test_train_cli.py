@@ -125,3 +125,22 @@ def test_initial_adapter_from_official_layout(tiny_models, data, tmp_path):
     trainer = Trainer(cfg)
     trainer.setup()
     assert_weights_equal({k: v for k, v in trainer.model.adapter.state_dict().items()}, trained)
+
+
+def test_dataloader_workers_do_not_change_the_result(tiny_models, data, tmp_path):
+    assert main(tiny_train_args(tiny_models, data, tmp_path / "w0", 2)) == 0
+    assert main(tiny_train_args(tiny_models, data, tmp_path / "w2", 2, dataloader_num_workers=2)) == 0
+    assert_weights_equal(adapter_weights(tmp_path / "w0" / "checkpoint-2" / "ip-adapter.bin"),
+                         adapter_weights(tmp_path / "w2" / "checkpoint-2" / "ip-adapter.bin"))
+
+
+def test_bf16_mixed_precision_trains_an_fp32_adapter_on_a_bf16_base(tiny_models, data, tmp_path):
+    cfg = parse_args(tiny_train_args(tiny_models, data, tmp_path / "bf16", 2, mixed_precision="bf16",
+                                     gradient_checkpointing=True))
+    trainer = Trainer(cfg)
+    trainer.setup()
+    before = {k: v.clone() for k, v in trainer.model.adapter.state_dict().items()}
+    trainer.run()
+    assert trainer.model.transformer.dtype == torch.bfloat16
+    for k, v in trainer.model.adapter.state_dict().items():
+        assert v.dtype == torch.float32 and not torch.equal(v, before[k]), k
