@@ -77,8 +77,10 @@ class Trainer:
 
         torch.manual_seed(cfg.seed)  # the fresh adapter's initial weights
         weight_dtype = _DTYPES[cfg.mixed_precision]
-        self.model = Calligrapher.from_pretrained(cfg.pretrained_model_name_or_path, cfg.siglip_path,
-                                                  num_tokens=cfg.num_tokens, dtype=weight_dtype, device=acc.device)
+        self.model = Calligrapher.from_pretrained(
+            cfg.pretrained_model_name_or_path, cfg.siglip_path, num_tokens=cfg.num_tokens, dtype=weight_dtype,
+            device=acc.device, text_encoder_device="cpu" if cfg.offload_text_encoder_two else None,
+        )
         if cfg.initial_ip_adapter_path:
             load_adapter_file(self.model.adapter, cfg.initial_ip_adapter_path)
         if cfg.gradient_checkpointing:
@@ -119,8 +121,6 @@ class Trainer:
     def _fill_prompt_cache(self, out: Path) -> None:
         """Encode every unique text once (rank 0 writes the disk cache first), then drop CLIP and T5."""
         cfg, acc, model = self.cfg, self.accelerator, self.model
-        if cfg.offload_text_encoder_two:
-            model.pipe.text_encoder_2.to("cpu")
         encode_fn = make_encode_fn(model, cfg.max_sequence_length)
         cache_dir = Path(cfg.prompt_cache_dir) if cfg.prompt_cache_dir else out / "prompt_cache"
         ident = encoder_identity(cfg.pretrained_model_name_or_path, cfg.max_sequence_length, extra=str(model.dtype))

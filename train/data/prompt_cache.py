@@ -219,9 +219,15 @@ class ModelEncoder:
             return self.model.encode_prompt(texts, self.max_sequence_length)
 
 
-def make_encode_fn(model, max_sequence_length: int) -> ModelEncoder:
-    """``encode_fn`` calling ``model.encode_prompt(texts, max_sequence_length)``, offload-aware."""
-    return ModelEncoder(model, max_sequence_length)
+def make_encode_fn(model, max_sequence_length: int) -> EncodeFn:
+    """``encode_fn`` for a :class:`~train.models.calligrapher.Calligrapher`.
+
+    The encoders run where they live: after :func:`release_text_encoders` (``"offload"``) or with
+    ``text_encoder_device="cpu"`` that is the CPU, so cache misses never need accelerator memory.
+    """
+    def encode(texts: list[str]):
+        return model.encode_prompt(texts, max_sequence_length)
+    return encode
 
 
 def release_text_encoders(model, mode: str = "offload") -> None:

@@ -82,16 +82,23 @@ class Calligrapher:
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(cls, flux_path, siglip_path, num_tokens: int = 128, dtype=torch.float32,
-                        device="cpu", adapter: StyleAdapter | None = None, load_text_encoders: bool = True):
+                        device="cpu", adapter: StyleAdapter | None = None, load_text_encoders: bool = True,
+                        text_encoder_device=None):
         """Load the diffusers-layout FLUX.1-Fill folder and a SigLIP folder; build a fresh adapter if none given.
 
-        ``load_text_encoders=False`` skips CLIP/T5 (use with cached prompt embeddings).
+        ``load_text_encoders=False`` skips CLIP/T5 (use with cached prompt embeddings);
+        ``text_encoder_device="cpu"`` keeps them off the accelerator (they then run on the CPU).
         """
         from diffusers import FluxFillPipeline
         from transformers import SiglipImageProcessorPil as SiglipImageProcessor, SiglipVisionModel
 
         extra = {} if load_text_encoders else {"text_encoder": None, "text_encoder_2": None}
-        pipe = FluxFillPipeline.from_pretrained(flux_path, dtype=dtype, **extra).to(device)
+        pipe = FluxFillPipeline.from_pretrained(flux_path, dtype=dtype, **extra)
+        for name in ("transformer", "vae", "text_encoder", "text_encoder_2"):
+            module = getattr(pipe, name)
+            if module is not None:
+                on_text_device = name.startswith("text_encoder") and text_encoder_device is not None
+                module.to(text_encoder_device if on_text_device else device)
         pipe.set_progress_bar_config(disable=True)
         siglip = SiglipVisionModel.from_pretrained(siglip_path, dtype=dtype).to(device)
         processor = SiglipImageProcessor.from_pretrained(siglip_path)
@@ -129,11 +136,14 @@ class Calligrapher:
     # ------------------------------------------------------------------ encoders
     @torch.no_grad()
     def encode_prompt(self, texts: list[str], max_sequence_length: int = 512):
-        """Raw texts -> (T5 embeds ``[B, T, D]``, CLIP pooled ``[B, P]``, text ids ``[T, 3]``), via the prompt template."""
+        """Raw texts -> (T5 embeds ``[B, T, D]``, CLIP pooled ``[B, P]``, text ids ``[T, 3]``), via the prompt template.
+
+        Runs where the text encoders live (the results are moved by :meth:`prepare_condition`).
+        """
         if self.pipe.text_encoder is None or self.pipe.text_encoder_2 is None:
             raise RuntimeError("text encoders were not loaded (or were freed); use cached prompt embeddings")
         embeds, pooled, text_ids = self.pipe.encode_prompt(
-            prompt=[prompt_for(t) for t in texts], prompt_2=None, device=self.device,
+            prompt=[prompt_for(t) for t in texts], prompt_2=None, device=self.pipe.text_encoder_2.device,
             num_images_per_prompt=1, max_sequence_length=max_sequence_length,
         )
         return embeds, pooled, text_ids
