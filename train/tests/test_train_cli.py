@@ -74,10 +74,12 @@ def test_resume_equals_uninterrupted(tiny_models, data, tmp_path):
 
 
 def test_batch_four_equals_four_accumulated_micro_batches(tiny_models, data, tmp_path):
-    assert main(tiny_train_args(tiny_models, data, tmp_path / "b4", 2, train_batch_size=4)) == 0
-    assert main(tiny_train_args(tiny_models, data, tmp_path / "a4", 2, gradient_accumulation_steps=4)) == 0
+    # A larger Adam epsilon keeps updates proportional to the gradients (see the multi-process test).
+    eps = {"adam_epsilon": 1e-2}
+    assert main(tiny_train_args(tiny_models, data, tmp_path / "b4", 2, train_batch_size=4, **eps)) == 0
+    assert main(tiny_train_args(tiny_models, data, tmp_path / "a4", 2, gradient_accumulation_steps=4, **eps)) == 0
     assert_weights_equal(adapter_weights(tmp_path / "b4" / "checkpoint-2" / "ip-adapter.bin"),
-                         adapter_weights(tmp_path / "a4" / "checkpoint-2" / "ip-adapter.bin"), atol=1e-5)
+                         adapter_weights(tmp_path / "a4" / "checkpoint-2" / "ip-adapter.bin"), atol=1e-6)
 
 
 def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tiny_models, data, tmp_path, monkeypatch):

@@ -1,0 +1,97 @@
+"""Write a trained adapter as the official ``calligrapher.bin`` (or our ``ip-adapter.bin`` layout).
+
+    python -m train.export --checkpoint runs/exp/checkpoint-2000 --out calligrapher.bin
+    python -m train.export --checkpoint runs/exp/checkpoint-2000 --ema --out calligrapher-ema.bin
+    python -m train.export --checkpoint calligrapher.bin --layout ours --out ip-adapter.bin
+
+``--checkpoint`` is a ``checkpoint-N`` folder (``ip-adapter.bin``, or ``ip-adapter-ema.bin``
+with ``--ema``) or a weight file in either layout. The written file is read back and compared
+tensor by tensor before the command reports success.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from train.models.checkpoint_io import AdapterFileError, read_adapter_file, save_adapter_file
+
+LIVE_FILE, EMA_FILE = "ip-adapter.bin", "ip-adapter-ema.bin"
+
+
+def resolve_adapter_file(path: str | Path, ema: bool = False) -> Path:
+    """A weight file from a file path or a ``checkpoint-N`` folder; ``ema`` picks ``ip-adapter-ema.bin``."""
+    path = Path(path)
+    if path.is_dir():
+        name = EMA_FILE if ema else LIVE_FILE
+        found = path / name
+        if not found.is_file():
+            if ema:
+                raise AdapterFileError(f"{path} has no {EMA_FILE}: the run was trained without --use_ema; "
+                                       f"drop --ema to use the live weights ({LIVE_FILE})")
+            raise AdapterFileError(f"{path} has no {LIVE_FILE}; pass a checkpoint-N folder or a weight file")
+        return found
+    if not path.exists():
+        raise AdapterFileError(f"adapter path not found: {path}")
+    if ema and path.name != EMA_FILE:
+        raise AdapterFileError(f"--ema needs a checkpoint-N folder (or the {EMA_FILE} file itself), got {path}")
+    return path
+
+
+def describe(state: dict) -> dict:
+    """Geometry of an adapter state (our layout): tokens, dims, style blocks, parameter count."""
+    proj, attn = state["image_proj"], state["ip_adapter"]
+    try:
+        num_tokens, token_dim = proj["qformer.query_embeds"].shape
+        style_dim = proj["mlp.proj.0.weight"].shape[1]
+    except KeyError as exc:
+        raise AdapterFileError(f"adapter state lacks {exc.args[0]!r}; cannot tell its geometry") from exc
+    blocks = sorted({int(k.split(".", 1)[0]) for k in attn if k.endswith("to_k_ip.weight")})
+    return {
+        "num_tokens": int(num_tokens), "token_dim": int(token_dim), "style_dim": int(style_dim),
+        "style_blocks": len(blocks),
+        "parameters": sum(v.numel() for part in (proj, attn) for v in part.values()),
+    }
+
+
+def _same(a: dict, b: dict) -> bool:
+    return all(set(a[p]) == set(b[p]) and all(torch.equal(a[p][k], b[p][k]) for k in a[p]) for p in a)
+
+
+def export(checkpoint: str | Path, out: str | Path, ema: bool = False, layout: str = "official") -> dict:
+    """Read ``checkpoint`` (either layout), write ``out`` in ``layout``, verify the round trip."""
+    source = resolve_adapter_file(checkpoint, ema)
+    state = read_adapter_file(source)
+    out = Path(out)
+    if out.resolve() == source.resolve():
+        raise ValueError(f"--out {out} would overwrite the checkpoint it reads")
+    save_adapter_file(state, out, layout=layout)
+    if not _same(state, read_adapter_file(out)):
+        raise RuntimeError(f"{out} does not read back to the same weights as {source}")
+    return {"source": str(source), "out": str(out), "layout": layout, **describe(state)}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="checkpoint-N folder or adapter weight file")
+    parser.add_argument("--ema", action="store_true", help="export ip-adapter-ema.bin of the checkpoint folder")
+    parser.add_argument("--out", required=True, help="file to write, e.g. calligrapher.bin")
+    parser.add_argument("--layout", choices=("official", "ours"), default="official",
+                        help="official: {image_proj_mlp, image_proj_qformer, attn_adapter} for the official "
+                             "inference code; ours: {image_proj, ip_adapter} like ip-adapter.bin")
+    args = parser.parse_args(argv)
+    try:
+        info = export(args.checkpoint, args.out, args.ema, args.layout)
+    except (AdapterFileError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(info))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

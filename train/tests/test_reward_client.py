@@ -1,0 +1,218 @@
+"""The reward client against real servers on loopback ports: retries, timeouts, fallbacks,
+a killed server, rejections and many concurrent clients. Nothing failed is ever given a number."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import replace
+
+import pytest
+from PIL import Image
+
+from train.reward_server import create_app
+from train.rewards import BackgroundScorer, RewardItem, decode_png_b64
+from train.rl_ip.reward import LocalReward, RemoteReward, RewardError, apply_failure_policy, build_reward_fn
+from train.tests.reward_helpers import (FaultInjector, ServerThread, free_port, render_scene, spawn_server,  # noqa: F401
+                                        tiny_siglip)
+
+
+def bg_app(**kw):
+    return create_app({"background": BackgroundScorer()}, **kw)
+
+
+def items(n: int, prefix: str = "i") -> list[RewardItem]:
+    """Tiny items whose background score encodes their index: a known value per id."""
+    out = []
+    for i in range(n):
+        src = Image.new("RGB", (16, 16), (100, 100, 100))
+        img = src.copy()
+        img.paste((100 + (i % 100) + 1, 100, 100), (0, 0, 16, 8))  # top half differs by (i%100)+1 in R
+        mask = Image.new("L", (16, 16), 0)
+        mask.paste(255, (12, 12, 16, 16))
+        out.append(RewardItem(f"{prefix}{i}", img, "t", mask=mask, source=src))
+    return out
+
+
+def expected(i: int) -> float:
+    """Background score of ``items()[i]``: MAE over the 240 unmasked pixels, all 3 channels."""
+    return 1.0 - ((i % 100) + 1) * 128 / (240 * 3) / 255.0
+
+
+def client(url, **kw) -> RemoteReward:
+    kw.setdefault("backoff", 0.01)
+    kw.setdefault("health_wait", 5.0)
+    return RemoteReward(url, {"background": 1.0}, **kw)
+
+
+def test_rank_spreads_urls_and_falls_back_in_order():
+    urls = ["http://a:1", "http://b:2", "http://c:3"]
+    assert RemoteReward(urls, "background=1", rank=4, world_size=6).urls == ["http://b:2", "http://c:3", "http://a:1"]
+    assert RemoteReward("http://a:1,http://b:2", "background=1", rank=0).urls == ["http://a:1", "http://b:2"]
+
+
+def test_server_never_comes_up_errors_within_the_wait():
+    fn = client(f"http://127.0.0.1:{free_port()}", health_wait=1.0)
+    t0 = time.monotonic()
+    with pytest.raises(RewardError, match=r"no reward server answered /health within 1s"):
+        fn.wait_healthy()
+    assert time.monotonic() - t0 < 4.0
+    with pytest.raises(RewardError, match="no reward server"):
+        build_reward_fn(f"http://127.0.0.1:{free_port()}", "background=1", health_wait=0.5)
+
+
+def test_chunked_results_match_ids_and_submit_overlaps():
+    with ServerThread(bg_app()) as srv:
+        fn = client(srv.url, chunk_size=3, max_workers=2)
+        batch = items(10)
+        fut = fn.submit(batch)
+        res = fut.result(timeout=30)
+        assert [r.id for r in res] == [it.id for it in batch]
+        assert all(r.reward == pytest.approx(expected(i), abs=1e-6) for i, r in enumerate(res))
+        assert fn.stats["requests"] == 4 and fn.stats["retries"] == 0
+        fn.close()
+
+
+def test_http_500_then_recovery_is_retried():
+    app = FaultInjector(bg_app(), ["500", "500", "ok"])
+    with ServerThread(app) as srv:
+        fn = client(srv.url, retries=3)
+        res = fn(items(2))
+        assert [r.reward for r in res] == pytest.approx([expected(0), expected(1)])
+        assert app.seen == ["500", "500", "ok"] and fn.stats["retries"] == 2
+        fn.close()
+
+
+def test_500_past_the_retries_fails_the_items_and_the_step():
+    app = FaultInjector(bg_app(), ["500"] * 10)
+    with ServerThread(app) as srv:
+        fn = client(srv.url, retries=2)
+        res = fn(items(2))
+        assert all(r.reward is None and "HTTP 500" in r.error and "3 attempt" in r.error for r in res)
+        with pytest.raises(RewardError, match="2/2 rewards failed"):
+            apply_failure_policy(res, 0.0)
+        fn.close()
+
+
+def test_timeout_is_retried_then_reported():
+    app = FaultInjector(bg_app(), ["sleep:2", "ok", "sleep:2", "sleep:2"])
+    with ServerThread(app) as srv:
+        fn = client(srv.url, timeout=0.5, retries=1)
+        res = fn(items(1))  # first attempt times out, the retry succeeds
+        assert res[0].reward == pytest.approx(expected(0))
+        t0 = time.monotonic()
+        res = fn(items(1))  # both attempts time out
+        assert time.monotonic() - t0 < 3.0
+        assert res[0].reward is None and "timed out after 0.5s" in res[0].error
+        fn.close()
+
+
+def test_malformed_json_reply_is_retried_then_reported():
+    app = FaultInjector(bg_app(), ["garbage", "ok", "garbage", "garbage"])
+    with ServerThread(app) as srv:
+        fn = client(srv.url, retries=1)
+        assert fn(items(1))[0].reward == pytest.approx(expected(0))
+        res = fn(items(1))
+        assert res[0].reward is None and "malformed reply" in res[0].error
+        fn.close()
+
+
+def test_oversized_request_and_wrong_token_raise_clearly():
+    with ServerThread(bg_app(max_items=2, max_pixels=200, token="right")) as srv:
+        with pytest.raises(RewardError, match="rejected the token"):
+            client(srv.url, token="wrong").wait_healthy()
+        fn = client(srv.url, token="right", chunk_size=4)
+        with pytest.raises(RewardError, match=r"HTTP 413.*above the limit of 2"):
+            fn(items(3))
+        fn = client(srv.url, token="right", chunk_size=2)
+        big = replace(items(1)[0], image=Image.new("RGB", (20, 20)))
+        with pytest.raises(RewardError, match=r"HTTP 413.*pixels"):
+            fn([big])
+
+
+def test_bad_item_errors_alone_through_the_client():
+    with ServerThread(bg_app()) as srv:
+        fn = client(srv.url)
+        batch = items(3)
+        batch[1] = replace(batch[1], mask=Image.new("L", (4, 4), 255))
+        res = fn(batch)
+        assert res[1].reward is None and "mask is 4x4" in res[1].error
+        assert res[0].reward == pytest.approx(expected(0)) and res[2].reward == pytest.approx(expected(2))
+        rewards, valid = apply_failure_policy(res, 0.5)
+        assert valid.tolist() == [True, False, True] and rewards[1].isnan()
+
+
+def test_local_and_remote_give_the_same_results():
+    batch = [render_scene("Same", seed=i) for i in range(3)]
+    batch[1] = replace(batch[1], image=batch[0].image)  # background differs from its source
+    local = build_reward_fn(None, {"background": 1.0})(batch)
+    with ServerThread(bg_app()) as srv:
+        remote = build_reward_fn(srv.url, {"background": 1.0}, health_wait=5)(batch)
+    assert [(r.id, r.reward, r.scores, r.error) for r in local] == [(r.id, r.reward, r.scores, r.error) for r in remote]
+    assert local[1].reward < 1.0
+
+
+def test_cropped_transport_scores_like_in_process(tiny_siglip):
+    """With only crop-reading scorers weighted the client sends the mask window, not the image."""
+    from train.rewards import OCRScorer, StyleScorer
+
+    scorers = {"ocr": OCRScorer(), "style": StyleScorer(tiny_siglip)}
+    weights = {"ocr": 0.5, "style": 0.5}
+    batch = [render_scene("Crop"), render_scene("书法", box=(0, 0, 120, 60), seed=1),  # box at the corner
+             render_scene("Loose", font_size=18, box=(10, 10, 246, 118), seed=2)]
+    local = LocalReward(scorers, weights)(batch)
+    with ServerThread(create_app(scorers)) as srv:
+        fn = RemoteReward(srv.url, weights, health_wait=5)
+        sent = fn._payload(batch)["items"]
+        remote = fn(batch)
+    assert all(decode_png_b64(s["image"]).size[0] < 256 for s in sent) and "source" not in sent[0]
+    assert [(r.id, r.scores, r.error) for r in local] == [(r.id, r.scores, r.error) for r in remote]
+    assert all(r.scores["ocr"] >= 0.9 for r in remote)
+
+
+def test_server_killed_mid_run_fails_cleanly_or_falls_back():
+    a, url_a = spawn_server("--scorers", "background")
+    b, url_b = spawn_server("--scorers", "background")
+    try:
+        alone = client(url_a, retries=1)
+        with_fallback = client([url_a, url_b], retries=1)
+        assert alone(items(2))[1].reward == pytest.approx(expected(1))
+        a.kill()
+        a.wait(timeout=10)
+        res = alone(items(2))
+        assert all(r.reward is None and "ConnectError" in r.error for r in res)
+        with pytest.raises(RewardError, match="2/2 rewards failed"):
+            apply_failure_policy(res, 0.0)
+        res = with_fallback(items(2))
+        assert [r.reward for r in res] == pytest.approx([expected(0), expected(1)])
+    finally:
+        for p in (a, b):
+            p.kill()
+            p.wait(timeout=10)
+
+
+def test_eight_concurrent_clients_fifty_requests_each():
+    with ServerThread(bg_app()) as srv:
+        errors, done = [], []
+
+        def run(c: int):
+            fn = client(srv.url, chunk_size=2, max_workers=1)
+            batch = items(100, prefix=f"c{c}-")
+            try:
+                for r in range(50):
+                    res = fn(batch[2 * r:2 * r + 2])
+                    for k, out in enumerate(res):
+                        i = 2 * r + k
+                        if out.id != f"c{c}-{i}" or out.reward != pytest.approx(expected(i), abs=1e-6):
+                            errors.append((c, i, out))
+                done.append(c)
+            except Exception as exc:  # noqa: BLE001 - collected and asserted below
+                errors.append((c, exc))
+            finally:
+                fn.close()
+
+        threads = [threading.Thread(target=run, args=(c,)) for c in range(8)]
+        [t.start() for t in threads]
+        [t.join(timeout=120) for t in threads]
+        assert not errors, errors[:3]
+        assert sorted(done) == list(range(8))

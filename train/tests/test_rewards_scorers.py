@@ -1,0 +1,221 @@
+"""Scorers on rendered images, pure helpers against hand-computed values, the VLM judge
+against a local OpenAI-protocol server, and the in-process reward function + failure policy."""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+from dataclasses import replace
+
+import pytest
+from PIL import Image
+
+from train.rewards import (BackgroundScorer, RewardResult, build_scorers, decode_png_b64,
+                           encode_png_b64, parse_reward_weights, text_accuracy)
+from train.rewards.codec import ImageDecodeError, ImageTooLargeError
+from train.rewards.ocr import edit_distance
+from train.rewards.vlm import VLMScorer, chat_completions_url, parse_judge_score
+from train.rl_ip.reward import LocalReward, RewardError, apply_failure_policy, build_reward_fn, reward_stats
+from train.tests.reward_helpers import ChatJudgeStub, prompt_text, render_scene, tiny_siglip  # noqa: F401
+
+
+@pytest.fixture(scope="module")
+def ocr():
+    from train.rewards import OCRScorer
+
+    return OCRScorer()
+
+
+# -- pure helpers -----------------------------------------------------------------------------
+@pytest.mark.parametrize("recognised,target,expected", [
+    ("Hello", "hello", 1.0),                 # case-folded
+    ("He llo", "hello", 1.0),                # spaces stripped
+    ("helo", "hello", 1 - 1 / 5),            # one deletion
+    ("kitten", "sitting", 1 - 3 / 7),        # classic distance 3
+    ("", "abc", 0.0),                        # nothing read
+    ("zzzzzzzzzz", "ab", 0.0),               # distance capped at len(target)
+    ("xx Hello World !!", "hello world", 1.0),  # target contained
+    ("书法之", "书法之美", 0.75),
+    ("书 法", "书法", 1.0),
+    ("ＡＢＣ", "abc", 1.0),                  # full-width forms (NFKC)
+    ("春眠不觉", "书法之美", 0.0),
+])
+def test_text_accuracy_hand_computed(recognised, target, expected):
+    assert text_accuracy(recognised, target) == pytest.approx(expected)
+
+
+def test_text_accuracy_rejects_empty_target():
+    assert edit_distance("abc", "") == 3
+    with pytest.raises(ValueError, match="empty"):
+        text_accuracy("abc", "  ")
+
+
+def test_parse_reward_weights():
+    assert parse_reward_weights("ocr=0.7, style=0.2,background=0.1") == {"ocr": 0.7, "style": 0.2, "background": 0.1}
+    for bad, msg in [("ocr=0.7,clip=0.3", "unknown scorer 'clip'"), ("ocr=abc", "not a number"),
+                     ("ocr", "name=number"), ("", "empty"), ("ocr=1,ocr=2", "twice"), ("ocr=-1", ">= 0"),
+                     ("ocr=0", "positive"), ("ocr=nan", "finite")]:
+        with pytest.raises(ValueError, match=msg):
+            parse_reward_weights(bad)
+
+
+def test_png_codec_roundtrip_and_errors():
+    img = render_scene("Hi").image
+    for im in (img, img.convert("L"), img.convert("RGBA"), img.convert("1"), img.convert("P"), img.crop((3, 5, 4, 6))):
+        back = decode_png_b64(encode_png_b64(im))
+        assert back.mode == im.mode and back.size == im.size and back.tobytes() == im.tobytes()
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")  # Pillow's own (filtered) PNGs decode too
+    assert decode_png_b64(base64.b64encode(buf.getvalue()).decode()).tobytes() == img.tobytes()
+    for raw in (base64.b64decode(encode_png_b64(img)), buf.getvalue()):
+        flipped = bytearray(raw)
+        flipped[len(raw) // 2] ^= 0xFF
+        for bad in ["", "%%%not-base64", base64.b64encode(b"GIF89a....").decode(),
+                    base64.b64encode(raw[: len(raw) // 2]).decode(), base64.b64encode(bytes(flipped)).decode()]:
+            with pytest.raises(ImageDecodeError):
+                decode_png_b64(bad)
+        with pytest.raises(ImageTooLargeError, match="limit"):
+            decode_png_b64(base64.b64encode(raw).decode(), max_pixels=100)
+
+
+# -- OCR ----------------------------------------------------------------------------------------
+def test_ocr_right_wrong_and_blank_latin_and_chinese(ocr):
+    items = [render_scene("Calligraphy"), render_scene("书法之美", seed=1),
+             replace(render_scene("Hello"), text="Zebra"), replace(render_scene("书法之美", seed=2), text="春眠不觉"),
+             replace(render_scene(""), text="Hello"), replace(render_scene("", seed=1), text="书法"),
+             # small text in a loose mask: recognition alone is unsure, detection finds it
+             render_scene("春眠不觉晓", font_size=20, box=(10, 10, 246, 118), seed=3)]
+    res = ocr.score_batch(items)
+    assert all(r.error is None for r in res), res
+    right_latin, right_cjk, wrong_latin, wrong_cjk, blank_latin, blank_cjk, loose = res
+    assert right_latin.score >= 0.9 and right_cjk.score >= 0.9 and loose.score >= 0.9
+    assert right_cjk.details["recognised"] == "书法之美"
+    assert wrong_latin.score <= 0.3 and wrong_cjk.score <= 0.3
+    assert blank_latin.score == 0.0 and blank_cjk.score == 0.0
+    assert loose.details["engine"] == "det+rec"
+
+
+def test_ocr_bad_item_errors_alone(ocr):
+    good = render_scene("Hello")
+    wrong_mask = replace(render_scene("Hello"), id="m", mask=Image.new("L", (10, 10), 255))
+    empty_text = replace(render_scene("Hello"), id="e", text="   ")
+    res = ocr.score_batch([good, wrong_mask, empty_text])
+    assert res[0].score >= 0.9
+    assert res[1].score is None and "mask is 10x10" in res[1].error
+    assert res[2].score is None and "empty" in res[2].error
+
+
+# -- style / background ------------------------------------------------------------------------
+def test_style_identical_is_one_and_different_is_lower(tiny_siglip):
+    style = build_scorers(["style"], siglip_path=tiny_siglip)["style"]
+    same = render_scene("Style")
+    other = replace(render_scene("Style"), id="o", reference=Image.effect_noise((120, 60), 80).convert("RGB"))
+    no_ref = replace(render_scene("Style"), id="n", reference=None)
+    res = style.score_batch([same, other, no_ref])
+    assert res[0].score == pytest.approx(1.0, abs=1e-5)
+    assert res[1].score < res[0].score - 1e-3 and 0.0 <= res[1].score <= 1.0
+    assert res[2].error == "style: item needs reference"
+    # batching does not change a score
+    assert style.score_batch([other])[0].score == pytest.approx(res[1].score, abs=1e-5)
+
+
+def test_background_untouched_is_one():
+    bg = BackgroundScorer()
+    item = render_scene("Text")
+    changed = item.image.copy()
+    changed.paste((0, 0, 0), (0, 0, 20, 20))  # outside the mask box
+    res = bg.score_batch([item, replace(item, id="c", image=changed), replace(item, id="s", source=None)])
+    assert res[0].score == 1.0 and res[0].details["mae"] == 0.0
+    assert 0.0 < res[1].score < 1.0
+    assert res[2].error == "background: item needs source"
+
+
+# -- VLM judge -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("reply,expected", [
+    ('{"score": 8, "reason": "good"}', 0.8),
+    ('Sure!\n```json\n{"score": 7}\n```', 0.7),
+    ('<think>maybe 3</think>{"Score": 9.0}', 0.9),
+    ('{"score": 0.85}', 0.85),
+    ("Score: 6/10. The style is close.", 0.6),
+    ("rating = 4 out of 10", 0.4),
+    ("7", 0.7),
+    ('{"score": "10"}', 1.0),
+    ('Verdict: {"score": 7, "notes": {"style": "close"}}', 0.7),
+])
+def test_parse_judge_score_good(reply, expected):
+    assert parse_judge_score(reply) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("reply", ["", "I like it.", '{"score": "high"}', '{"score": 12}', "Score: 11",
+                                   "score 3 ... final score 8", '{"score": null}', "-2"])
+def test_parse_judge_score_bad(reply):
+    with pytest.raises(ValueError):
+        parse_judge_score(reply)
+
+
+def test_vlm_scorer_against_local_chat_server():
+    def reply(body):
+        text = prompt_text(body)
+        if "'Garble'" in text or '"Garble"' in text:
+            return "The lettering looks lovely."  # no score -> per-item error
+        if '"Boom"' in text:
+            return 500
+        return '{"score": 8, "reason": "reads correctly"}'
+
+    with ChatJudgeStub(reply) as stub:
+        assert chat_completions_url(stub.url + "/v1/") == stub.url + "/v1/chat/completions"
+        vlm = VLMScorer(stub.url, "qwen2.5-vl-test", api_key="k", timeout=5, retries=1, backoff=0.01)
+        items = [render_scene("Good"), replace(render_scene("Garble"), id="g"), replace(render_scene("Boom"), id="b")]
+        res = vlm.score_batch(items)
+        vlm.close()
+    assert res[0].score == pytest.approx(0.8) and res[0].error is None
+    assert res[1].score is None and "no score found" in res[1].error
+    assert res[2].score is None and "HTTP 500" in res[2].error
+    first = next(r for r in stub.requests if '"Good"' in prompt_text(r["body"]))
+    parts = first["body"]["messages"][0]["content"]
+    assert first["body"]["model"] == "qwen2.5-vl-test" and first["headers"]["Authorization"] == "Bearer k"
+    assert sum(p["type"] == "image_url" for p in parts) == 3  # result, close-up, reference
+    assert parts[0]["image_url"]["url"].startswith("data:image/png;base64,")
+
+
+# -- in-process reward function + failure policy ------------------------------------------------
+def test_local_reward_and_failure_policy():
+    fn = build_reward_fn(None, "background=1.0")
+    assert isinstance(fn, LocalReward)
+    good = render_scene("A")
+    bad = replace(render_scene("B"), id="bad", source=None)
+    results = fn.submit([good, bad]).result(timeout=30)
+    assert [r.id for r in results] == [good.id, "bad"]
+    assert results[0].reward == 1.0 and results[1].reward is None and "needs source" in results[1].error
+    with pytest.raises(RewardError, match=r"1/2 rewards failed.*bad: background"):
+        apply_failure_policy(results, 0.0)
+    rewards, valid = apply_failure_policy(results, 0.5)
+    assert valid.tolist() == [True, False] and rewards[0] == 1.0 and math.isnan(rewards[1])
+    with pytest.raises(RewardError, match="2/2"):
+        apply_failure_policy([results[1], replace(results[1], id="x")], 1.0)
+    with pytest.raises(ValueError, match="not loaded"):
+        LocalReward({"background": BackgroundScorer()}, {"ocr": 1.0})
+    fn.close()
+
+
+def test_failure_policy_never_fills_in_values():
+    results = [RewardResult("a", 0.25, {"ocr": 0.25}, {}, None), RewardResult("b", None, {}, {}, "timeout"),
+               RewardResult("c", float("nan"), {}, {}, None), RewardResult("d", 0.75, {"ocr": 0.75}, {}, None)]
+    rewards, valid = apply_failure_policy(results, 0.5)
+    assert valid.tolist() == [True, False, False, True]
+    assert rewards[0] == 0.25 and math.isnan(rewards[1]) and math.isnan(rewards[2]) and rewards[3] == 0.75
+    stats = reward_stats(results)
+    assert stats["reward/failed"] == 2 and stats["reward/mean"] == 0.5 and stats["reward/ocr"] == 0.5
+    with pytest.raises(RewardError, match="2/4"):
+        apply_failure_policy(results, 0.25)
+
+
+def test_weighted_total_and_zero_weight_errors_do_not_fail(ocr):
+    fn = LocalReward({"background": BackgroundScorer()}, {"background": 0.5})
+    assert fn([render_scene("A")])[0].reward == pytest.approx(0.5)
+    # a scorer with weight 0 is logged but cannot fail the item
+    item = replace(render_scene("Hello"), source=None)
+    out = LocalReward({"ocr": ocr, "background": BackgroundScorer()}, {"ocr": 1.0, "background": 0.0})([item])
+    assert out[0].error is None and out[0].reward >= 0.9
+    assert "needs source" in out[0].details["background"]["error"]
