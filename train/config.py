@@ -8,7 +8,6 @@ all problems at once, so a run never fails minutes in on a bad combination.
 from __future__ import annotations
 
 import argparse
-import os
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -199,6 +198,3 @@ def _check_8bit_adam() -> list[str]:
         return ["--use_8bit_adam needs bitsandbytes: pip install bitsandbytes"]
     return []
 
-
-def env_int(name: str, default: int) -> int:
-    return int(os.environ.get(name, default))

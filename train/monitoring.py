@@ -37,7 +37,6 @@ class RunMonitor:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total_steps, initial=initial_step, desc="steps", dynamic_ncols=True)
-        self.timers: dict[str, float] = {}
 
     def line(self, text: str) -> None:
         """One line to the console and to ``train_log.txt`` (flushed, so ``tail -f`` follows it)."""

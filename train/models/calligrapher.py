@@ -12,7 +12,7 @@ Tensor conventions: pixels ``[B, 3, H, W]`` in ``[-1, 1]``; masks ``[B, 1, H, W]
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -39,30 +39,6 @@ class FillConditioning:
     style_embeds: torch.Tensor  # [B, E] pooled SigLIP
     guidance: torch.Tensor  # [B]
     latent_size: tuple[int, int]  # unpacked VAE latent (h, w)
-
-    _batched = ("cond_latents", "prompt_embeds", "pooled_prompt_embeds", "style_embeds", "guidance")
-
-    def select(self, index) -> "FillConditioning":
-        """Rows ``index`` (a slice, a list or an index tensor) of every batched field."""
-        return replace(self, **{k: getattr(self, k)[index] for k in self._batched})
-
-    def repeat_interleave(self, k: int) -> "FillConditioning":
-        """Each sample ``k`` times in a row: a group of k rollouts per prompt."""
-        return replace(self, **{n: getattr(self, n).repeat_interleave(k, dim=0) for n in self._batched})
-
-    @staticmethod
-    def cat(parts: list["FillConditioning"]) -> "FillConditioning":
-        first = parts[0]
-        return replace(first, **{n: torch.cat([getattr(p, n) for p in parts]) for n in first._batched})
-
-    def to(self, device=None, dtype=None) -> "FillConditioning":
-        out = {}
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if isinstance(v, torch.Tensor):
-                v = v.to(device=device, dtype=dtype if v.is_floating_point() else None)
-            out[f.name] = v
-        return FillConditioning(**out)
 
     @property
     def batch_size(self) -> int:
