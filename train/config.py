@@ -12,6 +12,10 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 
+class ConfigError(ValueError):
+    """A problem with the run's configuration that is only detectable once set-up has begun."""
+
+
 def opt(default, help: str, **kw):
     return field(default=default, metadata={"help": help, **kw})
 

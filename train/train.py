@@ -17,7 +17,9 @@ def main(argv=None) -> int:
         for p in problems:
             print(f"error: {p}", file=sys.stderr)
         return 2
+    from .config import ConfigError
     from .data.dataset import DatasetError
+    from .models.checkpoint_io import AdapterFileError
     from .trainer import Trainer
 
     trainer = Trainer(cfg)
@@ -25,6 +27,9 @@ def main(argv=None) -> int:
         trainer.setup()
     except DatasetError as exc:
         print(f"error: --train_data_json {cfg.train_data_json}: {exc}", file=sys.stderr)
+        return 2
+    except (ConfigError, AdapterFileError) as exc:  # known only once set-up began (e.g. FSDP + EMA)
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     trainer.run()
     return 0

@@ -23,7 +23,7 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration
 
 from . import checkpointing as ckpt
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
 from .data.dataset import CalligraphyDataset, load_records
 from .data.preprocess import collate_samples
 from .data.prompt_cache import PromptCache, encoder_identity, make_encode_fn, release_text_encoders
@@ -65,6 +65,7 @@ class Trainer:
                 print(f"removed an incomplete checkpoint left by an interrupted write: {stale}", flush=True)
         acc.wait_for_everyone()
 
+        self._check_distributed_setup()
         records = load_records(cfg.train_data_json, resolution=cfg.resolution)  # raises with every problem
         self.dataset = CalligraphyDataset(records, resolution=cfg.resolution,
                                           reference_strip=not cfg.no_reference_strip,
@@ -72,7 +73,7 @@ class Trainer:
         self.global_batch = cfg.train_batch_size * acc.num_processes
         self.batches_per_epoch = len(self.dataset) // self.global_batch
         if self.batches_per_epoch == 0:
-            raise ValueError(f"--train_data_json has {len(self.dataset)} samples, fewer than one global batch "
+            raise ConfigError(f"--train_data_json has {len(self.dataset)} samples, fewer than one global batch "
                              f"({cfg.train_batch_size} x {acc.num_processes} processes)")
 
         torch.manual_seed(cfg.seed)  # the fresh adapter's initial weights
@@ -111,6 +112,18 @@ class Trainer:
         self.monitor.line(f"data: {len(self.dataset)} samples, {self.batches_per_epoch} global micro-batches "
                           f"of {self.global_batch} per epoch ({len(self.dataset) % self.global_batch} dropped); "
                           f"global_step counts optimizer steps")
+
+    def _check_distributed_setup(self) -> None:
+        """Refuse combinations accelerate would accept but that cannot work here, before loading anything."""
+        from accelerate.utils import DistributedType
+
+        acc, cfg = self.accelerator, self.cfg
+        shards_params = acc.distributed_type == DistributedType.FSDP or (
+            acc.distributed_type == DistributedType.DEEPSPEED and acc.state.deepspeed_plugin.zero_stage == 3)
+        if cfg.use_ema and shards_params:
+            raise ConfigError("--use_ema cannot run with FSDP or DeepSpeed ZeRO-3: each process holds only a shard "
+                             "of the adapter, so there is no whole weight to average. Use DDP or DeepSpeed "
+                             "ZeRO-2 (optimizer state and gradients sharded) with --ema_device cpu instead.")
 
     def _training_sigmas(self) -> torch.Tensor:
         from diffusers import FlowMatchEulerDiscreteScheduler
@@ -152,7 +165,7 @@ class Trainer:
             return
         state = ckpt.load_checkpoint(self.accelerator, path, self.ema)
         if state["global_batch"] != self.global_batch:
-            raise ValueError(f"{path} was written with a global batch of {state['global_batch']}, this run has "
+            raise ConfigError(f"{path} was written with a global batch of {state['global_batch']}, this run has "
                              f"{self.global_batch}: the data position cannot be continued exactly")
         self.global_step, self.epoch, self.position = state["global_step"], state["epoch"], state["position"]
         print(f"resumed from {path} at global_step {self.global_step}", flush=True)

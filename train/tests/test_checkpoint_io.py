@@ -120,9 +120,13 @@ def test_failed_load_leaves_weights_untouched(tmp_path, adapters):
 
 def test_full_size_export_matches_the_released_checkpoint_layout():
     """FLUX.1-Fill-dev (19 double + 38 single blocks, 3072 hidden, 4096 T5) + SigLIP-so400m (1152), on meta."""
+    from train.models.tiny import build_siglip
+
     with torch.device("meta"):
         transformer = build_flux_transformer("full", device="meta")
-        adapter = StyleAdapter.for_transformer(transformer, style_dim=1152, num_tokens=128)
+        siglip = build_siglip("full", device="meta")
+        adapter = StyleAdapter.for_transformer(transformer, style_dim=siglip.config.hidden_size, num_tokens=128)
+    assert siglip.config.hidden_size == 1152 and transformer.config.joint_attention_dim == 4096
     # Meta tensors carry shapes only, so take the state dicts as they are (no CPU copy).
     official = to_official({"image_proj": adapter.image_proj.state_dict(), "ip_adapter": adapter.ip_adapter.state_dict()})
     E, D, N, H = 1152, 4096, 128, 3072

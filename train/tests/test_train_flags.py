@@ -94,3 +94,26 @@ def test_bad_dataset_fails_at_start_up_naming_the_record(tmp_path, good_args, ca
 def test_cli_module_entry_point_help():
     res = subprocess.run([sys.executable, "-m", "train.train", "--help"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "--rl_grpo_clip_range" in res.stdout
+
+
+def test_incompatible_initial_adapter_is_one_clear_error(tiny_models, tmp_path, capsys):
+    import torch
+
+    from train.data.synthesize import synthesize
+    from train.tests.train_helpers import tiny_train_args
+
+    data = synthesize(tmp_path / "data", num=2, resolution=64)
+    bad = tmp_path / "bad.bin"
+    torch.save({"image_proj": {}, "ip_adapter": {}}, bad)
+    assert main(tiny_train_args(tiny_models, data, tmp_path / "o", 1, initial_ip_adapter_path=bad)) == 2
+    err = capsys.readouterr().err
+    assert "does not fit this model" in err and "missing keys in 'image_proj'" in err
+
+
+def test_dataset_smaller_than_a_global_batch(tiny_models, tmp_path, capsys):
+    from train.data.synthesize import synthesize
+    from train.tests.train_helpers import tiny_train_args
+
+    data = synthesize(tmp_path / "data", num=2, resolution=64)
+    assert main(tiny_train_args(tiny_models, data, tmp_path / "o", 1, train_batch_size=4)) == 2
+    assert "fewer than one global batch" in capsys.readouterr().err
