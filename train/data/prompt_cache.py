@@ -10,7 +10,6 @@ after a warm-up pass both stay constant (the benchmark target is zero calls per 
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import hashlib
 import os
@@ -154,10 +153,8 @@ class PromptCache:
                 + (f"; {len(to_encode) - 1} more text(s) missing" if len(to_encode) > 1 else ""))
         if not to_encode:
             return 0
-        session = getattr(self.encode_fn, "session", None)  # e.g. ModelEncoder: move T5 once
-        with session() if session is not None else contextlib.nullcontext():
-            for i in range(0, len(to_encode), self.batch_size):
-                self._encode(to_encode[i:i + self.batch_size])
+        for i in range(0, len(to_encode), self.batch_size):
+            self._encode(to_encode[i:i + self.batch_size])
         return len(to_encode)
 
     def _encode(self, chunk: list[str]) -> None:
@@ -187,38 +184,6 @@ class PromptCache:
 
 
 # ---------------------------------------------------------------------- text encoders around the cache
-class ModelEncoder:
-    """``encode_fn`` for a :class:`~train.models.calligrapher.Calligrapher` (built by :func:`make_encode_fn`).
-
-    If T5 was offloaded to another device (``--offload_text_encoder_two``), it is moved to the
-    model's device for the work and back afterwards. :meth:`session` holds it there for a whole
-    :meth:`PromptCache.warm`, so a large warm-up moves the weights once, not once per batch.
-    """
-
-    def __init__(self, model, max_sequence_length: int):
-        self.model, self.max_sequence_length = model, max_sequence_length
-        self._depth = 0
-
-    @contextlib.contextmanager
-    def session(self):
-        t5 = self.model.pipe.text_encoder_2
-        home = t5.device if t5 is not None else None
-        moved = self._depth == 0 and t5 is not None and home != self.model.device
-        if moved:
-            t5.to(self.model.device)
-        self._depth += 1
-        try:
-            yield
-        finally:
-            self._depth -= 1
-            if moved:
-                t5.to(home)
-
-    def __call__(self, texts: list[str]):
-        with self.session():
-            return self.model.encode_prompt(texts, self.max_sequence_length)
-
-
 def make_encode_fn(model, max_sequence_length: int) -> EncodeFn:
     """``encode_fn`` for a :class:`~train.models.calligrapher.Calligrapher`.
 
