@@ -29,7 +29,16 @@ def test_two_step_cli_run_writes_everything(tiny_models, data, tmp_path):
         for name in ("ip-adapter.bin", "ip-adapter-ema.bin", "trainer_state.json", "optimizer.bin"):
             assert (d / name).is_file(), d / name
         assert json.loads((d / "trainer_state.json").read_text())["global_step"] == step
-    assert list((out / "logs").rglob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = sorted((out / "logs").rglob("events.out.tfevents.*"))
+    tags = set()
+    for e in events:
+        acc = EventAccumulator(str(e))
+        acc.Reload()
+        tags |= set(acc.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/grad_norm", "ema/decay", "perf/images_per_s", "timing/step_s",
+            "memory/peak_gb"} <= tags, tags
     log = (out / "train_log.txt").read_text()
     assert "trainable parameters:" in log and "step=2 train/loss=" in log and "saved" in log
     assert not list(out.glob(".checkpoint-*"))
