@@ -99,7 +99,7 @@ def main(argv=None) -> None:
     parser.add_argument("--scorers", default="style", help="comma-separated; each is measured on its own server")
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--size", type=int, default=256, help="image side in pixels")
-    parser.add_argument("--chunk_size", type=int, default=32, help="images per request in batched mode")
+    parser.add_argument("--chunk_size", type=int, default=64, help="images per request in batched mode")
     parser.add_argument("--workers", type=int, default=2, help="concurrent requests in batched mode")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per mode; the best is reported")
     parser.add_argument("--siglip_path", default=None, help="SigLIP folder (default: a tiny random one)")
