@@ -98,7 +98,8 @@ def read_adapter_file(path: str | os.PathLike) -> dict:
     if not path.is_file():
         raise AdapterFileError(f"adapter file not found: {path}")
     try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
+        # mmap: tensors are paged in on use, so checking several full-size files costs little RAM
+        raw = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # corrupt / truncated / not a torch file
         raise AdapterFileError(f"{path}: cannot be read as a torch checkpoint ({exc.__class__.__name__}: {exc})") from exc
     return normalize_layout(raw, str(path))
