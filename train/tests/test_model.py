@@ -195,3 +195,23 @@ def test_adapter_block_count_mismatch_is_an_error(calligrapher):
     wrong = StyleAdapter(32, 32, [(32, 16)] * 3, num_tokens=8)
     with pytest.raises(ValueError, match="3 style blocks, transformer has 2"):
         wrong.install(calligrapher.transformer)
+
+
+def test_full_size_conditioned_forward_on_meta():
+    """FLUX.1-Fill-dev + so400m dimensions (19 + 38 blocks, 24 heads x 128): the style path's shapes line up."""
+    from train.models.tiny import build_flux_transformer, build_siglip
+
+    with torch.device("meta"):
+        transformer = build_flux_transformer("full", device="meta")
+        siglip = build_siglip("full", device="meta")
+        adapter = StyleAdapter.for_transformer(transformer, siglip.config.hidden_size, num_tokens=128)
+        adapter.install(transformer)
+        b, tokens, text = 2, 48 * 32, 512  # a 512x512 source under a 256 px strip: (768/16) x (512/16) tokens
+        out = adapter(
+            transformer, torch.randn(b, 1152), hidden_states=torch.randn(b, tokens, 384), timestep=torch.ones(b),
+            guidance=torch.ones(b), pooled_projections=torch.randn(b, 768),
+            encoder_hidden_states=torch.randn(b, text, 4096), txt_ids=torch.zeros(text, 3),
+            img_ids=torch.zeros(tokens, 3),
+        )
+    assert len(adapter.ip_adapter) == 57
+    assert out.shape == (b, tokens, 64)
