@@ -1,4 +1,4 @@
-"""Reward scorers (OCR, style, background, VLM judge) and their shared types (SPEC §10).
+"""Reward scorers (OCR, style, background, VLM judge, contrast) and their shared types (SPEC §10).
 
 Heavy dependencies (rapidocr, torch/transformers, httpx) load only with the scorer that needs them.
 """
@@ -22,11 +22,11 @@ __all__ = [
     "API_VERSION", "SCORER_NAMES", "ItemScore", "RewardItem", "RewardResult", "Scorer", "build_scorers",
     "combine_item", "parse_reward_weights", "score_items", "weighted_reward", "ImageDecodeError",
     "ImageTooLargeError", "decode_png_b64", "encode_png_b64", "OCRScorer", "StyleScorer",
-    "BackgroundScorer", "VLMScorer", "text_accuracy",
+    "BackgroundScorer", "VLMScorer", "ContrastScorer", "text_accuracy",
 ]
 
 _LAZY = {"OCRScorer": ".ocr", "text_accuracy": ".ocr", "StyleScorer": ".style",
-         "BackgroundScorer": ".background", "VLMScorer": ".vlm"}
+         "BackgroundScorer": ".background", "VLMScorer": ".vlm", "ContrastScorer": ".contrast"}
 
 
 def __getattr__(name):

@@ -16,19 +16,19 @@ if TYPE_CHECKING:
     from PIL import Image
 
 API_VERSION = "1"
-SCORER_NAMES = ("ocr", "style", "background", "vlm")
+SCORER_NAMES = ("ocr", "style", "background", "vlm", "contrast")
 # Optional RewardItem images each scorer reads (besides ``image`` and ``text``); clients send only these.
 SCORER_INPUTS = {"ocr": ("mask",), "style": ("mask", "reference"), "background": ("mask", "source"),
-                 "vlm": ("mask", "reference")}
+                 "vlm": ("mask", "reference"), "contrast": ("mask",)}
 # Scorers that read only the mask's bounding box plus at most CROP_MARGIN pixels around it: a
 # client may send image and mask cropped to that window and get identical scores.
-CROP_ONLY_SCORERS = ("ocr", "style")
+CROP_ONLY_SCORERS = ("ocr", "style", "contrast")
 CROP_MARGIN = 8
 
 
 @dataclass
 class RewardItem:
-    """One generated image to score. ``mask`` is white (> 127) where text was painted."""
+    """One generated image to score. ``mask`` is white (> MASK_THRESHOLD) where text was painted."""
 
     id: str
     image: "Image.Image"
@@ -229,6 +229,10 @@ def build_scorers(names, siglip_path=None, vlm_url=None, vlm_model=None, device:
             from .vlm import VLMScorer
 
             out[name] = VLMScorer(vlm_url, vlm_model, api_key=vlm_api_key, timeout=vlm_timeout)
+        elif name == "contrast":
+            from .contrast import ContrastScorer
+
+            out[name] = ContrastScorer()
     return out
 
 
@@ -240,11 +244,14 @@ def crop_window(item: RewardItem, margin: int = CROP_MARGIN) -> tuple[int, int, 
 
 
 def mask_region(item: RewardItem) -> "tuple[object, tuple[int, int, int, int]]":
-    """``(bool array HxW, bbox)`` of the item's mask; the whole image when there is no mask.
+    """``(bool array HxW, bbox)`` of the item's mask (pixels above ``MASK_THRESHOLD``, the
+    threshold training uses); the whole image when there is no mask.
 
     Raises ``ValueError`` when the mask size differs from the image or the mask is empty.
     """
     import numpy as np
+
+    from train.data.preprocess import MASK_THRESHOLD
 
     w, h = item.image.size
     if item.mask is None:
@@ -252,7 +259,7 @@ def mask_region(item: RewardItem) -> "tuple[object, tuple[int, int, int, int]]":
     if item.mask.size != item.image.size:
         raise ValueError(f"mask is {item.mask.size[0]}x{item.mask.size[1]} but image is {w}x{h}")
     mask = item.mask if item.mask.mode == "L" else item.mask.convert("L")
-    inside = np.asarray(mask) > 127
+    inside = np.asarray(mask) > MASK_THRESHOLD
     rows, cols = np.flatnonzero(inside.any(axis=1)), np.flatnonzero(inside.any(axis=0))
     if len(rows) == 0:
         raise ValueError("mask is empty")

@@ -11,7 +11,7 @@ from dataclasses import replace
 import pytest
 from PIL import Image
 
-from train.rewards import (BackgroundScorer, RewardResult, build_scorers, decode_png_b64,
+from train.rewards import (BackgroundScorer, RewardItem, RewardResult, build_scorers, decode_png_b64,
                            encode_png_b64, parse_reward_weights, text_accuracy)
 from train.rewards.codec import ImageDecodeError, ImageTooLargeError
 from train.rewards.ocr import edit_distance
@@ -129,6 +129,51 @@ def test_background_untouched_is_one():
     assert res[0].score == 1.0 and res[0].details["mae"] == 0.0
     assert 0.0 < res[1].score < 1.0
     assert res[2].error == "background: item needs source"
+
+
+def _contrast_item(pixels: list[tuple[int, int, int]], mask_values: list[int], id: str = "c") -> RewardItem:
+    """A 1-row image with the given RGB pixels and mask values."""
+    img = Image.new("RGB", (len(pixels), 1))
+    img.putdata(pixels)
+    mask = Image.new("L", (len(pixels), 1))
+    mask.putdata(mask_values)
+    return RewardItem(id, img, "t", mask=mask)
+
+
+def test_contrast_hand_computed():
+    from train.rewards import ContrastScorer
+
+    scorer = build_scorers("contrast")["contrast"]
+    assert isinstance(scorer, ContrastScorer)
+    black, white, grey = (0, 0, 0), (255, 255, 255), (90, 140, 30)
+    half = _contrast_item([black, white, grey] * 4, [255, 255, 0] * 4)  # the grey pixels are outside
+    uniform = _contrast_item([grey] * 5 + [white, black], [255] * 5 + [0, 0], id="u")
+    # luminances 0.299, 0.587, 0.114, 1.0: mean 0.5, variance (0.201² + 0.087² + 0.386² + 0.5²) / 4
+    four = _contrast_item([(255, 0, 0), black, (0, 255, 0), (0, 0, 255), white, black],
+                          [255, 127, 200, 128, 128, 0], id="f")  # 127 is outside: the threshold is "> 127"
+    std4 = math.sqrt((0.201 ** 2 + 0.087 ** 2 + 0.386 ** 2 + 0.5 ** 2) / 4)
+    res = scorer.score_batch([half, uniform, four])
+    assert res[0].score == pytest.approx(1.0, abs=1e-12) and res[0].details == {"std": pytest.approx(0.5)}
+    assert res[1].score == pytest.approx(0.0, abs=1e-12)
+    assert res[2].score == pytest.approx(2 * std4, abs=1e-12) and res[2].details["std"] == pytest.approx(std4)
+
+
+def test_contrast_bad_items_and_crop_window():
+    from train.rewards.base import CROP_ONLY_SCORERS, SCORER_INPUTS, crop_window
+
+    scorer = build_scorers(["contrast"])["contrast"]
+    empty = _contrast_item([(0, 0, 0), (255, 255, 255)], [127, 0], id="e")
+    wrong = replace(_contrast_item([(0, 0, 0)], [255], id="w"), mask=Image.new("L", (3, 3), 255))
+    res = scorer.score_batch([empty, wrong, replace(empty, id="n", mask=None)])
+    assert res[0].score is None and res[0].error == "contrast: mask is empty"
+    assert res[1].score is None and "contrast: mask is 3x3 but image is 1x1" == res[1].error
+    assert res[2].error == "contrast: item needs mask"
+    assert SCORER_INPUTS["contrast"] == ("mask",) and "contrast" in CROP_ONLY_SCORERS
+    item = render_scene("Contrast")  # the client may send only the crop window: same score
+    box = crop_window(item)
+    cropped = replace(item, image=item.image.crop(box), mask=item.mask.crop(box))
+    full, crop = scorer.score_batch([item, cropped])
+    assert 0.05 < full.score < 1.0 and crop.score == full.score
 
 
 # -- VLM judge -----------------------------------------------------------------------------------
