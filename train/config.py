@@ -46,7 +46,9 @@ class TrainConfig:
     dataloader_num_workers: int = opt(0, "DataLoader worker processes.")
 
     # ---------------------------------------------------------------- optimisation
-    train_batch_size: int = opt(1, "Samples per process per micro-batch.")
+    train_batch_size: int = opt(1, "Samples per process per micro-batch. In RL: rollout images per process per "
+                                   "batch (train_batch_size x processes must be a multiple of "
+                                   "--rl_num_images_per_prompt; a group may span processes).")
     gradient_accumulation_steps: int = opt(1, "Micro-batches per optimizer step.")
     learning_rate: float = opt(1e-4, "AdamW learning rate.")
     lr_scheduler: str = opt("constant", "LR schedule.", choices=("constant", "constant_with_warmup", "linear", "cosine"))
@@ -72,6 +74,8 @@ class TrainConfig:
     checkpoints_total_limit: int | None = opt(None, "Keep at most this many checkpoints (oldest removed first).")
     resume_from_checkpoint: str | None = opt(None, "A checkpoint folder, or 'latest' (newest complete one in "
                                                    "OUTPUT_DIR; starts fresh when there is none).")
+    overwrite_output_dir: bool = opt(False, "Start a fresh run in an OUTPUT_DIR that already holds checkpoints, "
+                                            "deleting them (without it such a run is refused).")
     report_to: str = opt("tensorboard", "Tracker for metrics ('tensorboard' or 'none').", choices=("tensorboard", "none"))
     logging_steps: int = opt(1, "Log metrics every N optimizer steps.")
 
@@ -94,8 +98,30 @@ class TrainConfig:
     rl_adv_clip_max: float = opt(5.0, "Advantages are clamped to [-max, max].")
     rl_per_prompt_stat_tracking: bool = opt(False, "Normalise rewards within each group (needs k > 1).")
     rl_kl_beta: float | None = opt(None, "KL weight to the RL-start adapter (default 0.1 for grpo, 0.01 for nft).")
+    rl_global_std: bool = opt(False, "With per-prompt stat tracking: centre by the group mean but divide by the std "
+                                     "of the whole (all-process) batch.")
+    rl_reward_norm: str = opt("weighted", "'weighted': normalise the weighted reward; 'per_scorer': normalise each "
+                                          "scorer's score first, then weight (GDPO-style; keeps one scorer's scale "
+                                          "from drowning the others).", choices=("weighted", "per_scorer"))
+    rl_copy_dtype: str = opt("bf16", "Storage dtype of the RL reference and NFT old adapter copies.",
+                             choices=("bf16", "fp32"))
+    rl_eval_data: str | None = opt(None, "Held-out data (same formats as --train_data_json) scored with deterministic "
+                                         "samples every --rl_eval_every RL epochs, logged under eval/.")
+    rl_eval_every: int = opt(0, "Evaluate on --rl_eval_data every N RL epochs (and at RL start and end); 0 = only at "
+                                "RL start and end.")
+    rl_eval_reward_weights: str | None = opt(None, "Reward weights for the held-out evaluation (default: "
+                                                   "--reward_weights).")
+    rl_eval_num_inference_steps: int | None = opt(None, "Sampler steps of the held-out evaluation (default: "
+                                                        "--rl_num_inference_steps).")
+    rl_image_log_every: int = opt(0, "Log a TensorBoard image grid of rollouts every N RL epochs (0 = never).")
     rl_grpo_clip_range: float = opt(0.2, "GRPO ratio clip range.")
     rl_noise_level: float = opt(0.7, "GRPO SDE noise level a.")
+    rl_sde_type: str = opt("sde", "GRPO sampler: 'sde' (flow_grpo's SDE) or 'cps' (coefficients-preserving).",
+                           choices=("sde", "cps"))
+    rl_sde_window_size: int = opt(0, "Stochastic window of W consecutive steps per rollout, the only steps trained "
+                                     "(0 = every step but the last is stochastic).")
+    rl_sde_window_range: str | None = opt(None, "'lo,hi': the window lies inside steps [lo, hi) "
+                                                "(default: 0,rl_num_inference_steps-1).")
     nft_beta: float = opt(0.5, "DiffusionNFT mixing coefficient beta.")
     nft_adv_mode: str = opt("normal", "How NFT uses advantages.",
                             choices=("normal", "positive_only", "negative_only", "one_only", "binary"))
@@ -159,7 +185,8 @@ def validate(cfg: TrainConfig) -> list[str]:
         p.append(f"--resolution {cfg.resolution} must be a positive multiple of 16 (FLUX packs 2x2 latents of an 8x VAE)")
     positive = ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "checkpointing_steps",
                 "logging_steps", "ema_update_interval", "num_tokens", "max_sequence_length",
-                "rl_num_images_per_prompt", "rl_num_batches_per_epoch", "rl_num_inference_steps", "rl_num_inner_epochs")
+                "rl_num_images_per_prompt", "rl_num_batches_per_epoch", "rl_num_inference_steps", "rl_num_inner_epochs",
+                "rl_eval_num_inference_steps")
     for name in positive:
         v = getattr(cfg, name)
         if v is not None and v <= 0:
@@ -186,8 +213,72 @@ def validate(cfg: TrainConfig) -> list[str]:
     if cfg.use_8bit_adam:
         p.extend(_check_8bit_adam())
     if cfg.use_rl:
-        p.append("--use_rl: the online RL loops (GRPO / DiffusionNFT) are not part of this release; "
-                 "run supervised training without --use_rl")
+        p.extend(_check_rl(cfg))
+    return p
+
+
+def sde_window_range(cfg: TrainConfig) -> tuple[int, int] | None:
+    """``--rl_sde_window_range`` as ``(lo, hi)``; None when unset. Raises ValueError on a malformed value."""
+    if not cfg.rl_sde_window_range:
+        return None
+    try:
+        lo, hi = (int(v) for v in cfg.rl_sde_window_range.split(","))
+    except ValueError:
+        raise ValueError(f"--rl_sde_window_range {cfg.rl_sde_window_range!r} must be 'lo,hi' (two integers)") from None
+    return lo, hi
+
+
+def _check_rl(cfg: TrainConfig) -> list[str]:
+    from .rewards.base import parse_reward_weights
+
+    p = []
+    if cfg.rl_warmup_steps < 0:
+        p.append(f"--rl_warmup_steps must be >= 0, got {cfg.rl_warmup_steps}")
+    if cfg.max_train_steps is not None and cfg.rl_warmup_steps >= cfg.max_train_steps:
+        p.append(f"--rl_warmup_steps {cfg.rl_warmup_steps} leaves no RL step before --max_train_steps "
+                 f"{cfg.max_train_steps}")
+    if cfg.rl_num_inference_steps < 2:
+        p.append("--rl_num_inference_steps must be at least 2 (the final step is never trained)")
+    if cfg.rl_num_batches_per_epoch % cfg.gradient_accumulation_steps:
+        p.append(f"--rl_num_batches_per_epoch {cfg.rl_num_batches_per_epoch} must be a multiple of "
+                 f"--gradient_accumulation_steps {cfg.gradient_accumulation_steps}: an RL optimizer step spans "
+                 "that many rollout micro-batches")
+    if cfg.rl_adv_clip_max <= 0:
+        p.append(f"--rl_adv_clip_max must be positive, got {cfg.rl_adv_clip_max}")
+    if cfg.rl_kl_beta is not None and cfg.rl_kl_beta < 0:
+        p.append(f"--rl_kl_beta must be >= 0, got {cfg.rl_kl_beta}")
+    if cfg.rl_global_std and not cfg.rl_per_prompt_stat_tracking:
+        p.append("--rl_global_std only applies with --rl_per_prompt_stat_tracking")
+    if cfg.rl_method == "grpo":
+        if cfg.rl_noise_level <= 0:
+            p.append("--rl_noise_level must be positive for GRPO: a deterministic step has no log-probability")
+        if cfg.rl_grpo_clip_range <= 0:
+            p.append(f"--rl_grpo_clip_range must be positive, got {cfg.rl_grpo_clip_range}")
+        try:
+            from .rl_ip.sampling import check_sde_window
+
+            p.extend(check_sde_window(cfg.rl_num_inference_steps, cfg.rl_sde_window_size, sde_window_range(cfg)))
+        except ValueError as exc:
+            p.append(str(exc))
+    else:
+        if not 0 < cfg.nft_beta <= 1:
+            p.append(f"--nft_beta must be in (0, 1], got {cfg.nft_beta}")
+        for name in ("rl_sde_window_size", "rl_sde_window_range"):
+            if getattr(cfg, name):
+                p.append(f"--{name} applies to GRPO only (NFT rolls out with the deterministic sampler)")
+        if cfg.rl_sde_type != "sde":
+            p.append("--rl_sde_type applies to GRPO only (NFT rolls out with the deterministic sampler)")
+    if cfg.rl_eval_data and not Path(cfg.rl_eval_data).exists():
+        p.append(f"--rl_eval_data {cfg.rl_eval_data} does not exist")
+    if cfg.rl_eval_every < 0 or cfg.rl_image_log_every < 0:
+        p.append("--rl_eval_every and --rl_image_log_every must be >= 0")
+    for flag, spec in (("reward_weights", cfg.reward_weights), ("rl_eval_reward_weights", cfg.rl_eval_reward_weights)):
+        if spec is None:
+            continue
+        try:
+            parse_reward_weights(spec)
+        except ValueError as exc:
+            p.append(f"--{flag}: {exc}")
     return p
 
 

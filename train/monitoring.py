@@ -57,6 +57,17 @@ class RunMonitor:
             shown = " ".join(f"{k}={v:.5g}" for k, v in metrics.items())
             self.line(f"step={step} {shown}")
 
+    def image(self, tag: str, image, step: int) -> None:
+        """A PIL image to TensorBoard (main process, when a tracker is on)."""
+        if not (self.trackers and self.main):
+            return
+        import numpy as np
+
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.writer.add_image(tag, np.asarray(image.convert("RGB")), step, dataformats="HWC")
+                tracker.writer.flush()
+
     def advance(self, n: int = 1, **postfix) -> None:
         if self.bar is not None:
             self.bar.update(n)

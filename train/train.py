@@ -31,7 +31,14 @@ def main(argv=None) -> int:
     except (ConfigError, AdapterFileError) as exc:  # known only once set-up began (e.g. FSDP + EMA)
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    trainer.run()
+    from .rl_ip.reward import RewardError
+
+    try:
+        trainer.run()
+    except RewardError as exc:  # nothing half-done was written: the newest checkpoint resumes exactly
+        print(f"error: rewards could not be computed: {exc}. The newest checkpoint in {cfg.output_dir} is intact; "
+              "fix the reward service and continue with --resume_from_checkpoint latest", file=sys.stderr)
+        return 3
     return 0
 
 

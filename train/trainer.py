@@ -1,8 +1,16 @@
-"""Supervised flow-matching training of the style adapter (SPEC §6), and the run scaffolding.
+"""The shared run state of every training phase (SPEC §5, §6), and the phase chain.
 
-Read top to bottom: :meth:`Trainer.setup` builds everything (validated data, frozen model,
-prompt-embedding cache, optimizer, EMA, resume), :meth:`Trainer.run` is the loop, one
-:meth:`Trainer.train_step` per micro-batch.
+:class:`Trainer` builds what every loop needs — validated data, the frozen model, the
+prompt-embedding and style caches, optimizer, LR schedule, EMA, monitor, step counters,
+checkpoint/resume — and offers one :meth:`Trainer.after_optimizer_step` that does LR, EMA,
+logging and checkpoints. The loops read top to bottom in their own files:
+
+* ``train/supervised.py`` — flow matching (all steps without ``--use_rl``; the first
+  ``--rl_warmup_steps`` with it);
+* ``train/rl_logic/grpo_trainer.py`` and ``train/rl_logic/nft_trainer.py`` — online RL.
+
+:meth:`Trainer.run` chains them; ``global_step`` counts optimizer steps across phases, so a
+resumed run continues in the phase it stopped in.
 
 Determinism across layouts: the data order is a per-epoch permutation of the dataset and
 every sample's noise and noise level come from a generator keyed by (seed, epoch, position in
@@ -27,7 +35,6 @@ from .config import ConfigError, TrainConfig
 from .data.dataset import CalligraphyDataset, load_records
 from .data.preprocess import collate_samples
 from .data.prompt_cache import PromptCache, encoder_identity, make_encode_fn, release_text_encoders
-from .flow_matching import flow_matching_loss, interpolate, pixel_mask_to_tokens, sample_sigmas, token_weights
 from .models.calligrapher import Calligrapher
 from .models.checkpoint_io import load_adapter_file
 from .monitoring import RunMonitor, peak_memory_gb
@@ -39,6 +46,32 @@ _DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 def sample_generator(seed: int, epoch: int, position: int) -> torch.Generator:
     """The random stream of one sample draw, independent of batch size, accumulation and process count."""
     return torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1_000_000_007 + position)
+
+
+class RLRunState:
+    """What an RL phase adds to a checkpoint (registered with accelerate, saved and restored with it).
+
+    ``ref`` is the adapter as it was when RL started (KL anchor), ``old`` the NFT old adapter,
+    both :class:`~train.rl_ip.param_copy.ParamCopy`; ``epoch`` counts finished RL epochs and
+    ``start_step`` is the global step at which RL began.
+    """
+
+    def __init__(self):
+        self.epoch = 0
+        self.start_step: int | None = None
+        self.ref = None
+        self.old = None
+        self.stats: dict[str, float] = {}
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "start_step": self.start_step, "stats": dict(self.stats),
+                "ref": None if self.ref is None else self.ref.state_dict(),
+                "old": None if self.old is None else self.old.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.start_step = int(state["epoch"]), state["start_step"]
+        self.stats = dict(state.get("stats", {}))
+        self._pending = {"ref": state.get("ref"), "old": state.get("old")}
 
 
 class Trainer:
@@ -54,17 +87,14 @@ class Trainer:
         self.global_step = 0
         self.epoch = 0
         self.position = 0  # global micro-batches already consumed in the current epoch
+        self.rl = RLRunState()
+        self.monitor = None
+        self._checkpoint_due = False
 
     # ------------------------------------------------------------------ set-up
     def setup(self) -> None:
         cfg, acc = self.cfg, self.accelerator
         out = Path(cfg.output_dir)
-        if acc.is_main_process:
-            out.mkdir(parents=True, exist_ok=True)
-            for stale in ckpt.remove_partial(out):
-                print(f"removed an incomplete checkpoint left by an interrupted write: {stale}", flush=True)
-        acc.wait_for_everyone()
-
         self._check_distributed_setup()
         records = load_records(cfg.train_data_json, resolution=cfg.resolution)  # raises with every problem
         self.dataset = CalligraphyDataset(records, resolution=cfg.resolution,
@@ -75,6 +105,11 @@ class Trainer:
         if self.batches_per_epoch == 0:
             raise ConfigError(f"--train_data_json has {len(self.dataset)} samples, fewer than one global batch "
                              f"({cfg.train_batch_size} x {acc.num_processes} processes)")
+        if cfg.use_rl and self.global_batch % cfg.rl_num_images_per_prompt:
+            raise ConfigError(f"--train_batch_size {cfg.train_batch_size} x {acc.num_processes} processes = "
+                              f"{self.global_batch} rollout images per batch is not a multiple of "
+                              f"--rl_num_images_per_prompt {cfg.rl_num_images_per_prompt}")
+        resume_path = self._prepare_output_dir(out)
 
         torch.manual_seed(cfg.seed)  # the fresh adapter's initial weights
         weight_dtype = _DTYPES[cfg.mixed_precision]
@@ -86,7 +121,12 @@ class Trainer:
             load_adapter_file(self.model.adapter, cfg.initial_ip_adapter_path)
         if cfg.gradient_checkpointing:
             self.model.transformer.enable_gradient_checkpointing()
-        self.train_sigmas = self._training_sigmas()
+        self.eval_dataset = None
+        if cfg.use_rl and cfg.rl_eval_data:
+            self.eval_dataset = CalligraphyDataset(load_records(cfg.rl_eval_data, resolution=cfg.resolution),
+                                                   resolution=cfg.resolution,
+                                                   reference_strip=not cfg.no_reference_strip,
+                                                   strip_height=cfg.reference_strip_height or None)
         self._fill_prompt_cache(out)
         self.style_cache: dict[str, torch.Tensor] = {}
 
@@ -100,18 +140,58 @@ class Trainer:
                                           num_training_steps=cfg.max_train_steps)
         self.adapter, self.optimizer = acc.prepare(adapter, optimizer)
         acc.register_for_checkpointing(self.lr_scheduler)  # stepped by us once per optimizer step
+        if cfg.use_rl:
+            acc.register_for_checkpointing(self.rl)
         self.ema = None
         if cfg.use_ema:
             ema_device = torch.device("cpu") if cfg.ema_device == "cpu" else None
             self.ema = EMA(adapter.named_parameters(), cfg.ema_decay, cfg.ema_update_interval, ema_device)
 
-        self._maybe_resume(out)
+        self._resume(resume_path)
         self.monitor = RunMonitor(acc, out, cfg.to_dict(), cfg.report_to, cfg.max_train_steps, self.global_step)
+        if resume_path is not None:
+            self.monitor.line(f"resumed from {resume_path} at global_step {self.global_step}")
         report = self.model.parameter_report()
         self.monitor.line("trainable parameters: " + ", ".join(f"{k}={v:,}" for k, v in report.items()))
         self.monitor.line(f"data: {len(self.dataset)} samples, {self.batches_per_epoch} global micro-batches "
                           f"of {self.global_batch} per epoch ({len(self.dataset) % self.global_batch} dropped); "
                           f"global_step counts optimizer steps")
+
+    def _prepare_output_dir(self, out: Path) -> Path | None:
+        """Create OUTPUT_DIR, clear interrupted writes, refuse to mix a fresh run with old checkpoints.
+
+        Returns the checkpoint to resume from (None = fresh start). Runs after data validation, so a
+        rejected dataset leaves no empty folder behind.
+        """
+        cfg, acc = self.cfg, self.accelerator
+        resume = None
+        if acc.is_main_process:
+            out.mkdir(parents=True, exist_ok=True)
+            for stale in ckpt.remove_partial(out):
+                print(f"removed an incomplete checkpoint left by an interrupted write: {stale}", flush=True)
+        acc.wait_for_everyone()
+        existing = ckpt.list_checkpoints(out)
+        if not cfg.resume_from_checkpoint and existing:
+            if not cfg.overwrite_output_dir:
+                raise ConfigError(f"--output_dir {out} already holds {len(existing)} checkpoint(s) (newest "
+                                  f"{existing[-1][1].name}); continue it with --resume_from_checkpoint latest, "
+                                  "use another --output_dir, or pass --overwrite_output_dir to delete them")
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                import shutil
+
+                for _, path in existing:
+                    shutil.rmtree(path)
+                print(f"--overwrite_output_dir: deleted {len(existing)} old checkpoint(s) in {out}", flush=True)
+            acc.wait_for_everyone()
+        if cfg.resume_from_checkpoint:
+            if cfg.resume_from_checkpoint == "latest":
+                resume = ckpt.latest_checkpoint(out)
+                if resume is None:
+                    print(f"--resume_from_checkpoint latest: no checkpoint in {out}, starting fresh", flush=True)
+            else:
+                resume = Path(cfg.resume_from_checkpoint)
+        return resume
 
     def _check_distributed_setup(self) -> None:
         """Refuse combinations accelerate would accept but that cannot work here, before loading anything."""
@@ -124,12 +204,10 @@ class Trainer:
             raise ConfigError("--use_ema cannot run with FSDP or DeepSpeed ZeRO-3: each process holds only a shard "
                              "of the adapter, so there is no whole weight to average. Use DDP or DeepSpeed "
                              "ZeRO-2 (optimizer state and gradients sharded) with --ema_device cpu instead.")
-
-    def _training_sigmas(self) -> torch.Tensor:
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        fresh = FlowMatchEulerDiscreteScheduler.from_config(self.model.pipe.scheduler.config)
-        return fresh.sigmas[:-1].to(torch.float32) if fresh.sigmas[-1] == 0 else fresh.sigmas.to(torch.float32)
+        if cfg.use_rl and shards_params:
+            raise ConfigError("--use_rl cannot run with FSDP or DeepSpeed ZeRO-3: the RL reference and old adapters "
+                              "are evaluated as whole parameter copies on the frozen model. Use DDP or DeepSpeed "
+                              "ZeRO-2 instead.")
 
     def _fill_prompt_cache(self, out: Path) -> None:
         """Encode every unique text once (rank 0 writes the disk cache first), then drop CLIP and T5."""
@@ -138,10 +216,11 @@ class Trainer:
         cache_dir = Path(cfg.prompt_cache_dir) if cfg.prompt_cache_dir else out / "prompt_cache"
         ident = encoder_identity(cfg.pretrained_model_name_or_path, cfg.max_sequence_length, extra=str(model.dtype))
         self.prompts = PromptCache(encode_fn, ident, cache_dir)
+        texts = list(self.dataset.texts) + (list(self.eval_dataset.texts) if self.eval_dataset is not None else [])
         if acc.is_main_process:
-            self.prompts.warm(self.dataset.texts)
+            self.prompts.warm(texts)
         acc.wait_for_everyone()
-        self.prompts.warm(self.dataset.texts)
+        self.prompts.warm(texts)
         self.prompts.encode_fn = None  # every text is cached: the encoders are no longer needed
         release_text_encoders(model, "free")
 
@@ -155,20 +234,25 @@ class Trainer:
             return bnb.optim.AdamW8bit(params, **kw)
         return torch.optim.AdamW(params, **kw)
 
-    def _maybe_resume(self, out: Path) -> None:
-        cfg = self.cfg
-        if not cfg.resume_from_checkpoint:
-            return
-        path = ckpt.latest_checkpoint(out) if cfg.resume_from_checkpoint == "latest" else Path(cfg.resume_from_checkpoint)
+    def _resume(self, path: Path | None) -> None:
         if path is None:
-            print(f"--resume_from_checkpoint latest: no checkpoint in {out}, starting fresh", flush=True)
             return
         state = ckpt.load_checkpoint(self.accelerator, path, self.ema)
         if state["global_batch"] != self.global_batch:
             raise ConfigError(f"{path} was written with a global batch of {state['global_batch']}, this run has "
                              f"{self.global_batch}: the data position cannot be continued exactly")
         self.global_step, self.epoch, self.position = state["global_step"], state["epoch"], state["position"]
-        print(f"resumed from {path} at global_step {self.global_step}", flush=True)
+        pending = getattr(self.rl, "_pending", None)
+        if pending:
+            from .rl_ip.param_copy import ParamCopy
+
+            dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[self.cfg.rl_copy_dtype]
+            for name in ("ref", "old"):
+                if pending[name] is not None:
+                    copy = ParamCopy(self.model.adapter, dtype)
+                    copy.load_state_dict(pending[name])
+                    setattr(self.rl, name, copy)
+            del self.rl._pending
 
     # ------------------------------------------------------------------ data
     def epoch_order(self, epoch: int) -> list[int]:
@@ -187,7 +271,7 @@ class Trainer:
                 yield [(order[p], epoch, p) for p in range(start, start + b)]
             epoch, position = epoch + 1, 0
 
-    def _loader(self):
+    def loader(self):
         """Batches (with their sample keys) continuing exactly where the run stands; workers optional."""
         dataset = _KeyedSamples(self.dataset)
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=self._rank_batches(self.epoch, self.position),
@@ -198,88 +282,104 @@ class Trainer:
             self.position += 1
             yield batch, keys
 
-    def _style_embeds(self, batch) -> torch.Tensor:
-        """Pooled SigLIP embeddings, computed once per sample (the encoder is frozen)."""
-        missing = [i for i, sid in enumerate(batch.ids) if sid not in self.style_cache]
-        if missing:
-            embeds = self.model.encode_style([batch.style_images[i] for i in missing])
-            for i, e in zip(missing, embeds):
-                self.style_cache[batch.ids[i]] = e.detach()
+    # ------------------------------------------------------------------ conditioning
+    def style_embeds(self, batch) -> torch.Tensor:
+        """Pooled SigLIP embeddings, computed once per sample and each sample alone.
+
+        Encoding alone makes a sample's embedding independent of which samples share its batch
+        (batched kernels round differently), so a resumed run sees exactly the same values.
+        """
+        for image, sid in zip(batch.style_images, batch.ids):
+            if sid not in self.style_cache:
+                self.style_cache[sid] = self.model.encode_style([image])[0].detach()
         return torch.stack([self.style_cache[sid] for sid in batch.ids])
 
-    # ------------------------------------------------------------------ one micro-batch
-    def train_step(self, batch, keys) -> torch.Tensor:
-        model = self.model
+    def condition(self, batch, guidance_scale: float):
+        """The model conditioning of a :class:`~train.data.preprocess.SampleBatch` (cached prompts and styles)."""
         embeds, pooled, text_ids = self.prompts.get(batch.texts)
-        cond = model.prepare_condition(batch.image, batch.mask, embeds, pooled, text_ids,
-                                       self._style_embeds(batch), guidance_scale=self.cfg.guidance_scale)
-        x0 = model.encode_latents(batch.image)
-        draws = [sample_generator(self.cfg.seed, e, p) for e, p in keys]
-        noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in draws]).to(x0.device, x0.dtype)
-        normal = torch.stack([torch.randn((), generator=g) for g in draws])
-        sigma = sample_sigmas(normal, self.train_sigmas).to(x0.device)
-        x_t = interpolate(x0, noise, sigma)
-        target = noise - x0
+        return self.model.prepare_condition(batch.image, batch.mask, embeds, pooled, text_ids,
+                                            self.style_embeds(batch), guidance_scale=guidance_scale)
 
-        region = torch.zeros_like(batch.mask)
-        for i, (left, top, right, bottom) in enumerate(batch.source_boxes):
-            region[i, :, top:bottom, left:right] = 1
-        weights = token_weights(pixel_mask_to_tokens(batch.mask), pixel_mask_to_tokens(region),
-                                self.cfg.masked_loss_weight).to(x0.device)
-        with self.accelerator.autocast():
-            pred = model.velocity(x_t, sigma, cond, adapter=self.adapter)
-        return flow_matching_loss(pred, target, weights)
+    # ------------------------------------------------------------------ one optimizer step
+    def optimizer_step(self) -> float | None:
+        """Clip, step and zero the gradients inside ``accelerator.accumulate``; returns the grad norm on a sync."""
+        acc, cfg = self.accelerator, self.cfg
+        grad_norm = None
+        if acc.sync_gradients:
+            limit = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
+            grad_norm = float(acc.clip_grad_norm_(self.adapter.parameters(), limit))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
 
-    # ------------------------------------------------------------------ the loop
-    def run(self, stop_at: int | None = None) -> Path | None:
-        """Train to ``--max_train_steps`` (or stop early after optimizer step ``stop_at``, as an interruption would)."""
-        cfg, acc = self.cfg, self.accelerator
-        last_ckpt = None
-        step_start, losses = time.perf_counter(), []
+    def after_optimizer_step(self, metrics: dict[str, float], progress: dict | None = None,
+                             checkpoint_now: bool = True) -> None:
+        """Everything that follows an optimizer step, in every phase: LR, EMA, logging, checkpoints.
+
+        RL loops pass ``checkpoint_now=False`` and call :meth:`maybe_checkpoint` at the end of the
+        epoch, the only point from which a run can be resumed exactly.
+        """
+        cfg = self.cfg
+        self.global_step += 1
+        self.lr_scheduler.step()
+        metrics = dict(metrics)
+        metrics["train/lr"] = self.lr_scheduler.get_last_lr()[0]
+        if self.ema is not None:
+            decay = self.ema.step(self.global_step)
+            if decay is not None:
+                metrics["ema/decay"] = decay
+        metrics["memory/peak_gb"] = peak_memory_gb(self.accelerator.device)
+        if self.global_step % cfg.logging_steps == 0 or self.global_step == cfg.max_train_steps:
+            self.monitor.log(self.global_step, metrics)
+        self.monitor.advance(1, **(progress or {}))
+        if self.global_step % cfg.checkpointing_steps == 0 or self.global_step == cfg.max_train_steps:
+            self._checkpoint_due = True
+        if checkpoint_now:
+            self.maybe_checkpoint()
+
+    def maybe_checkpoint(self) -> Path | None:
+        if not self._checkpoint_due:
+            return None
+        self._checkpoint_due = False
+        return self.save()
+
+    # ------------------------------------------------------------------ the phases
+    def run(self, stop_at: int | None = None) -> None:
+        """Train to ``--max_train_steps`` (or stop after optimizer step ``stop_at``, as an interruption would).
+
+        Supervised flow matching up to the warm-up, then the RL method; each phase picks up at
+        ``global_step``, so a resumed run continues in the right phase.
+        """
+        cfg = self.cfg
         end = cfg.max_train_steps if stop_at is None else min(stop_at, cfg.max_train_steps)
-        batches = self._loader()
-        while self.global_step < end:
-            batch, keys = next(batches)
-            with acc.accumulate(self.adapter):
-                loss = self.train_step(batch, keys)
-                acc.backward(loss)
-                grad_norm = None
-                if acc.sync_gradients:
-                    params = self.adapter.parameters()
-                    grad_norm = acc.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.detach())
-            if not acc.sync_gradients:
-                continue
+        warmup_end = cfg.rl_warmup_steps if cfg.use_rl else cfg.max_train_steps
+        try:
+            if self.global_step >= cfg.max_train_steps:
+                self.monitor.line(f"nothing to do: global_step {self.global_step} has reached --max_train_steps "
+                                  f"{cfg.max_train_steps}")
+                return
+            if self.global_step < min(end, warmup_end):
+                from .supervised import train_supervised
 
-            self.global_step += 1
-            self.lr_scheduler.step()
-            ema_decay = self.ema.step(self.global_step) if self.ema is not None else None
-            elapsed = time.perf_counter() - step_start
-            mean_loss = acc.gather(torch.stack(losses).mean()[None]).mean().item()
-            if self.global_step % cfg.logging_steps == 0 or self.global_step == cfg.max_train_steps:
-                metrics = {
-                    "train/loss": mean_loss, "train/lr": self.lr_scheduler.get_last_lr()[0],
-                    "train/grad_norm": float(grad_norm), "train/epoch": self.epoch,
-                    "timing/step_s": elapsed,
-                    "perf/images_per_s": self.global_batch * cfg.gradient_accumulation_steps / elapsed,
-                    "memory/peak_gb": peak_memory_gb(acc.device),
-                }
-                if ema_decay is not None:
-                    metrics["ema/decay"] = ema_decay
-                self.monitor.log(self.global_step, metrics)
-            self.monitor.advance(1, loss=mean_loss)
-            if self.global_step % cfg.checkpointing_steps == 0 or self.global_step == cfg.max_train_steps:
-                last_ckpt = self.save()
-            step_start, losses = time.perf_counter(), []
-        batches.close()
-        self.monitor.close()
-        return last_ckpt
+                train_supervised(self, min(end, warmup_end))
+            if cfg.use_rl and self.global_step < end:
+                if cfg.rl_method == "grpo":
+                    from .rl_logic.grpo_trainer import train_grpo as rl_loop
+                else:
+                    from .rl_logic.nft_trainer import train_nft as rl_loop
+                rl_loop(self, end)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self.monitor is not None:
+            self.monitor.close()
+            self.monitor = None
 
     def save(self) -> Path:
         state = {"global_step": self.global_step, "epoch": self.epoch, "position": self.position,
-                 "global_batch": self.global_batch, "num_processes": self.accelerator.num_processes}
+                 "global_batch": self.global_batch, "num_processes": self.accelerator.num_processes,
+                 "phase": "rl" if self.rl.start_step is not None else "supervised", "rl_epoch": self.rl.epoch}
         path = ckpt.save_checkpoint(self.accelerator, self.cfg.output_dir, self.global_step, self.adapter, state,
                                     ema=self.ema, total_limit=self.cfg.checkpoints_total_limit)
         self.monitor.line(f"saved {path}")

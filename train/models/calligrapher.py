@@ -44,6 +44,24 @@ class FillConditioning:
     def batch_size(self) -> int:
         return self.cond_latents.shape[0]
 
+    _BATCHED = ("cond_latents", "prompt_embeds", "pooled_prompt_embeds", "style_embeds", "guidance")
+
+    def select(self, index) -> "FillConditioning":
+        """The conditioning of the samples ``index`` (a list or tensor of batch positions)."""
+        index = torch.as_tensor(index, dtype=torch.long, device=self.cond_latents.device)
+        picked = {name: getattr(self, name).index_select(0, index.to(getattr(self, name).device))
+                  for name in self._BATCHED}
+        return FillConditioning(text_ids=self.text_ids, img_ids=self.img_ids, latent_size=self.latent_size, **picked)
+
+    @classmethod
+    def cat(cls, conds: list["FillConditioning"]) -> "FillConditioning":
+        """Concatenate conditionings of equal canvas size along the batch."""
+        first = conds[0]
+        if any(c.latent_size != first.latent_size for c in conds):
+            raise ValueError("cannot concatenate conditionings of different canvas sizes")
+        joined = {name: torch.cat([getattr(c, name) for c in conds]) for name in cls._BATCHED}
+        return cls(text_ids=first.text_ids, img_ids=first.img_ids, latent_size=first.latent_size, **joined)
+
 
 class Calligrapher:
     """FLUX.1-Fill (frozen, held in a ``FluxFillPipeline``) + SigLIP (frozen) + :class:`StyleAdapter`."""
@@ -218,24 +236,35 @@ class Calligrapher:
         if params is None:
             return adapter(self.transformer, cond.style_embeds, **kwargs)
         module = getattr(adapter, "module", adapter)  # unwrap DDP: the swapped weights are the bare module's
+        if not torch.is_autocast_enabled(latents.device.type):
+            # Copies may be stored in another dtype (bf16 reference/old adapters): without autocast the
+            # layers need the live dtype, so cast for this call only. Under autocast they run as stored.
+            live = {n: p.dtype for n, p in module.state_dict(keep_vars=True).items()}
+            params = {n: t if t.dtype == live[n] else t.to(live[n]) for n, t in params.items()}
         with torch.no_grad():
             return functional_call(module, params, (self.transformer, cond.style_embeds), kwargs, strict=True)
 
     def sigmas(self, num_steps: int, image_seq_len: int) -> torch.Tensor:
         """The sampler's noise levels, ``num_steps + 1`` values from ~1 down to 0 (FLUX's shifted schedule)."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
         from diffusers.pipelines.flux.pipeline_flux_fill import calculate_shift
 
         cfg = self.pipe.scheduler.config
         mu = calculate_shift(image_seq_len, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
                              cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
-        scheduler = self.pipe.scheduler
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(cfg)  # a private one: the pipeline's is untouched
         scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=mu, device="cpu")
         return scheduler.sigmas.to(torch.float32).clone()
 
     @torch.no_grad()
     def sample(self, cond: FillConditioning, num_steps: int, generator=None, latents=None,
                params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """Deterministic Euler sampling (what ``FluxFillPipeline`` does); returns clean packed latents."""
+        """Deterministic Euler sampling (what ``FluxFillPipeline`` does); returns clean packed latents.
+
+        It is the ``noise_level=0`` case of the RL sampler's step (:func:`train.rl_ip.sampling.sde_step_with_logprob`).
+        """
+        from ..rl_ip.sampling import sde_step_with_logprob
+
         h, w = cond.latent_size
         shape = (cond.batch_size, (h // 2) * (w // 2), 64)
         if latents is None:
@@ -244,5 +273,5 @@ class Calligrapher:
         sigmas = self.sigmas(num_steps, shape[1])
         for i in range(num_steps):
             v = self.velocity(latents, sigmas[i], cond, params=params)
-            latents = (latents.float() + (sigmas[i + 1] - sigmas[i]) * v.float()).to(self.dtype)
+            latents = sde_step_with_logprob(v, sigmas[i], sigmas[i + 1], latents, 0.0)[0].to(self.dtype)
         return latents

@@ -12,6 +12,8 @@ from contextlib import contextmanager
 
 import torch
 
+from .param_copy import ParamCopy
+
 
 def ema_decay_at(update: int, max_decay: float) -> float:
     """Effective decay of update number ``update`` (0-based)."""
@@ -23,7 +25,8 @@ class EMA:
         self.decay, self.update_interval = decay, update_interval
         self.params = {n: p for n, p in named_parameters if p.requires_grad}
         self.device = device
-        self.shadow = {n: p.detach().to(device or p.device, torch.float32, copy=True) for n, p in self.params.items()}
+        self.copy = ParamCopy(self.params, torch.float32, device)
+        self.shadow = self.copy.tensors
         self.num_updates = 0
         self.last_decay: float | None = None
 
@@ -33,9 +36,7 @@ class EMA:
         if optimizer_step % self.update_interval:
             return None
         d = ema_decay_at(self.num_updates, self.decay)
-        for n, p in self.params.items():
-            s = self.shadow[n]
-            s.mul_(d).add_(p.detach().to(s.device, torch.float32), alpha=1 - d)
+        self.copy.lerp_from(self.params, d)
         self.num_updates += 1
         self.last_decay = d
         return d

@@ -160,6 +160,7 @@ def test_bf16_mixed_precision_trains_an_fp32_adapter_on_a_bf16_base(tiny_models,
 def test_supervised_training_lowers_the_flow_matching_loss_on_held_out_noise(tiny_models, tmp_path):
     """A learning test: the adapter alone (base frozen) fits the data better after 60 steps."""
     from train.data.preprocess import collate_samples
+    from train.supervised import supervised_loss, training_sigmas
 
     data = synthesize(tmp_path / "data", num=4, resolution=64, seed=3)
     cfg = parse_args(tiny_train_args(tiny_models, data, tmp_path / "run", 60, train_batch_size=4,
@@ -170,7 +171,9 @@ def test_supervised_training_lowers_the_flow_matching_loss_on_held_out_noise(tin
 
     def held_out_loss() -> float:  # noise/sigma draws of epochs the run never reaches
         with torch.no_grad():
-            return sum(trainer.train_step(batch, [(10_000 + e, p) for p in range(4)]).item() for e in range(5)) / 5
+            sigmas = training_sigmas(trainer.model)
+            return sum(supervised_loss(trainer, batch, [(10_000 + e, p) for p in range(4)], sigmas).item()
+                       for e in range(5)) / 5
 
     before = held_out_loss()
     trainer.run()

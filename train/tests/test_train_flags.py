@@ -78,8 +78,29 @@ def test_8bit_adam_without_cuda(capsys, good_args):
     assert any("--use_8bit_adam needs a CUDA GPU" in e for e in _errors(capsys, good_args + ["--use_8bit_adam"]))
 
 
-def test_rl_refused_clearly(capsys, good_args):
-    assert any("--use_rl" in e and "not part of this release" in e for e in _errors(capsys, good_args + ["--use_rl"]))
+def test_invalid_rl_combinations_are_all_reported_at_start_up(capsys, good_args):
+    argv = [a if a != "1" else "10" for a in good_args] + [
+        "--use_rl", "--rl_warmup_steps", "0", "--rl_per_prompt_stat_tracking", "--rl_num_inference_steps", "4",
+        "--rl_sde_window_size", "5", "--gradient_accumulation_steps", "2", "--reward_weights", "ocr=x"]
+    errors = _errors(capsys, argv)
+    joined = "\n".join(errors)
+    assert "--rl_per_prompt_stat_tracking needs --rl_num_images_per_prompt >= 2" in joined
+    assert "--rl_sde_window_size" in joined
+    assert "--rl_num_batches_per_epoch 1 must be a multiple of --gradient_accumulation_steps 2" in joined
+    assert "--reward_weights" in joined and "not a number" in joined
+    assert len(errors) >= 4
+
+
+def test_rl_flag_defaults_and_method_specific_checks(capsys, good_args):
+    assert parse_args(good_args + ["--use_rl"]).rl_kl_beta == 0.1
+    assert parse_args(good_args + ["--use_rl", "--rl_method", "nft"]).rl_kl_beta == 0.01
+    assert parse_args(good_args + ["--use_rl", "--rl_kl_beta", "0"]).rl_kl_beta == 0.0
+    nft = _errors(capsys, good_args + ["--use_rl", "--rl_method", "nft", "--rl_sde_window_size", "2",
+                                       "--rl_warmup_steps", "1"])
+    assert any("--rl_sde_window_size applies to GRPO only" in e for e in nft)
+    assert any("--rl_warmup_steps 1 leaves no RL step" in e for e in nft)
+    grpo = _errors(capsys, good_args + ["--use_rl", "--rl_noise_level", "0", "--rl_warmup_steps", "0"])
+    assert any("--rl_noise_level must be positive" in e for e in grpo)
 
 
 def test_bad_dataset_fails_at_start_up_naming_the_record(tmp_path, good_args, capsys):
