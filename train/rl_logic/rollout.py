@@ -1,0 +1,314 @@
+"""What GRPO and DiffusionNFT share: groups, rollouts, rewards, advantages, held-out evaluation, image grids.
+
+Groups are a sampler concern. RL batch ``b`` of RL epoch ``e`` holds ``m = G / k`` dataset samples
+(``G = train_batch_size x processes`` images, ``k = --rl_num_images_per_prompt``), each rolled out
+``k`` times; global image ``j`` belongs to group ``j // k``, and rank ``r`` rolls out images
+``[r * B, (r + 1) * B)``, so a group may span processes. Every random draw of an image (its
+initial noise and its SDE noise) comes from a generator keyed by (seed, RL epoch, batch, global
+image index): neither the process count nor a resume changes what is sampled.
+
+Rewards are scored in the background (``reward_fn.submit``) while the next batch rolls out, then
+gathered from every process; every process computes the same advantages on the whole epoch and
+keeps its slice. A reward that failed stays NaN: dropped within ``--reward_failure_budget``, a
+clean :class:`~train.rl_ip.reward.RewardError` beyond it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..data.preprocess import collate_samples, tensor_to_pil
+from ..models.calligrapher import FillConditioning
+from ..rewards.base import RewardItem, parse_reward_weights
+from ..rl_ip.param_copy import DTYPES, ParamCopy
+from ..rl_ip.reward import RewardError, build_reward_fn
+from ..rl_ip.sampling import sde_step_with_logprob
+from ..rl_ip.stat_tracking import compute_advantages
+
+
+def _key(*parts: int) -> int:
+    h = 0
+    for p in parts:
+        h = (h * 1_000_003 + int(p)) % (2**61 - 1)
+    return h
+
+
+def keyed_generator(*parts: int) -> torch.Generator:
+    """A CPU generator seeded by a tuple of integers (seed, epoch, ...)."""
+    return torch.Generator().manual_seed(_key(*parts))
+
+
+@dataclass
+class RLContext:
+    """Per-phase objects that live outside checkpoints: reward functions and fixed settings."""
+
+    reward_fn: object
+    eval_reward_fn: object | None
+    weights: dict[str, float]
+    eval_weights: dict[str, float]
+    groups_per_batch: int
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def close(self) -> None:
+        for fn in {id(f): f for f in (self.reward_fn, self.eval_reward_fn) if f is not None}.values():
+            fn.close()
+
+
+def start_rl(trainer, with_old: bool) -> RLContext:
+    """Begin (or resume) the RL phase: reference/old copies, reward functions, the RL-start evaluation."""
+    cfg, acc, rl = trainer.cfg, trainer.accelerator, trainer.rl
+    dtype = DTYPES[cfg.rl_copy_dtype]
+    fresh = rl.start_step is None
+    if fresh:
+        rl.start_step = trainer.global_step
+    if rl.ref is None and cfg.rl_kl_beta > 0:
+        rl.ref = ParamCopy(trainer.adapter, dtype)
+    if with_old and rl.old is None:
+        rl.old = ParamCopy(trainer.adapter, dtype)
+    weights = parse_reward_weights(cfg.reward_weights)
+    eval_weights = parse_reward_weights(cfg.rl_eval_reward_weights or cfg.reward_weights)
+    common = dict(siglip_path=cfg.siglip_path, rank=acc.process_index, world_size=acc.num_processes)
+    reward_fn = build_reward_fn(cfg.reward_server_url, weights, **common)
+    eval_fn = None
+    if trainer.eval_dataset is not None:
+        eval_fn = reward_fn if eval_weights == weights else build_reward_fn(cfg.reward_server_url, eval_weights,
+                                                                          **common)
+    ctx = RLContext(reward_fn, eval_fn, weights, eval_weights, trainer.global_batch // cfg.rl_num_images_per_prompt)
+    trainer.monitor.line(f"RL ({cfg.rl_method}) {'starts' if fresh else 'continues'} at global_step "
+                         f"{trainer.global_step}, RL epoch {rl.epoch}: {ctx.groups_per_batch} groups x "
+                         f"{cfg.rl_num_images_per_prompt} images per batch, {cfg.rl_num_batches_per_epoch} batches "
+                         f"per epoch; rewards {'from ' + cfg.reward_server_url if cfg.reward_server_url else 'in-process'}")
+    if fresh:
+        evaluate_heldout(trainer, ctx)
+    return ctx
+
+
+# ---------------------------------------------------------------------- rollouts
+def rollout_batch(trainer, rl_epoch: int, batch_index: int):
+    """This rank's images of RL batch ``batch_index``: ``(SampleBatch, image_keys, group_keys_global)``.
+
+    ``image_keys`` are the global image indices of this rank's images; ``group_keys_global`` the
+    record id of every global image (the same list on every rank).
+    """
+    cfg, acc = trainer.cfg, trainer.accelerator
+    k, m, n = cfg.rl_num_images_per_prompt, trainer.global_batch // cfg.rl_num_images_per_prompt, len(trainer.dataset)
+    first = (rl_epoch * cfg.rl_num_batches_per_epoch + batch_index) * m
+    indices = []
+    for g in range(first, first + m):
+        order = torch.randperm(n, generator=keyed_generator(cfg.seed, 7, g // n)).tolist()
+        indices.append(order[g % n])
+    global_images = [indices[j // k] for j in range(trainer.global_batch)]
+    lo = acc.process_index * cfg.train_batch_size
+    mine = list(range(lo, lo + cfg.train_batch_size))
+    batch = collate_samples([trainer.dataset[global_images[j]] for j in mine])
+    group_keys = [trainer.dataset.records[i].id for i in global_images]
+    return batch, mine, group_keys
+
+
+@dataclass
+class Trajectory:
+    """One rollout batch. ``latents[:, s]`` -> ``next_latents[:, s]`` is stochastic step ``steps[s]``."""
+
+    final: torch.Tensor  # [B, L, C] clean latents
+    steps: list[int] = field(default_factory=list)
+    latents: torch.Tensor | None = None  # [B, S, L, C]
+    next_latents: torch.Tensor | None = None
+    log_probs: torch.Tensor | None = None  # [B, S]
+
+
+@torch.no_grad()
+def sample_trajectory(trainer, cond: FillConditioning, generators: list[torch.Generator], sigmas: torch.Tensor,
+                      stochastic: range | None = None, noise_level: float = 0.0, sde_type: str = "sde",
+                      params: dict | None = None) -> Trajectory:
+    """Roll out from per-image noise. Steps in ``stochastic`` draw from the SDE and are recorded
+    (never the final step); every other step is the deterministic (Euler) case of the same function."""
+    model, acc = trainer.model, trainer.accelerator
+    h, w = cond.latent_size
+    shape = ((h // 2) * (w // 2), 64)
+    x = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(model.device, torch.float32)
+    num_steps = len(sigmas) - 1
+    record = [i for i in (stochastic or ()) if i < num_steps - 1]
+    lat, nxt, logp = [], [], []
+    for i in range(num_steps):
+        with acc.autocast():
+            v = model.velocity(x.to(model.dtype), sigmas[i], cond, adapter=trainer.adapter, params=params)
+        noisy = i in record
+        x_next, log_prob, _, _ = sde_step_with_logprob(
+            v, sigmas[i], sigmas[i + 1], x, noise_level if noisy else 0.0, generator=generators if noisy else None,
+            sde_type=sde_type, sigma_max=float(sigmas[1]))
+        if noisy:
+            lat.append(x)
+            nxt.append(x_next)
+            logp.append(log_prob)
+        x = x_next
+    if not record:
+        return Trajectory(final=x)
+    return Trajectory(final=x, steps=record, latents=torch.stack(lat, 1), next_latents=torch.stack(nxt, 1),
+                      log_probs=torch.stack(logp, 1))
+
+
+def image_generators(cfg, rl_epoch: int, batch_index: int, image_keys: list[int]) -> list[torch.Generator]:
+    return [keyed_generator(cfg.seed, 11, rl_epoch, batch_index, j) for j in image_keys]
+
+
+def _crop(t: torch.Tensor, box) -> torch.Tensor:
+    left, top, right, bottom = box
+    return t[:, top:bottom, left:right]
+
+
+def reward_items(batch, pixels: torch.Tensor, tag: str, image_keys: list[int]) -> list[RewardItem]:
+    """Generated canvases ``[B, 3, H, W]`` -> reward items (source region, its mask, source, reference)."""
+    items = []
+    for i, box in enumerate(batch.source_boxes):
+        mask = tensor_to_pil(_crop(batch.mask[i], box).expand(3, -1, -1) * 2 - 1).convert("L")
+        items.append(RewardItem(id=f"{tag}-{image_keys[i]}", image=tensor_to_pil(_crop(pixels[i], box)),
+                                text=batch.texts[i], mask=mask, reference=batch.style_images[i],
+                                source=tensor_to_pil(_crop(batch.image[i], box))))
+    return items
+
+
+def decode(trainer, latents: torch.Tensor, cond: FillConditioning) -> torch.Tensor:
+    return trainer.model.decode_latents(latents.to(trainer.model.dtype), cond.latent_size).float().cpu()
+
+
+# ---------------------------------------------------------------------- rewards and advantages
+@dataclass
+class EpochRewards:
+    rewards: torch.Tensor  # [N_local] NaN where failed
+    advantages: torch.Tensor  # [N_local]
+    valid: torch.Tensor  # [N_local] bool
+    metrics: dict[str, float]
+    items: list = field(default_factory=list)  # (RewardItem, RewardResult) of this rank, for image grids
+
+
+def collect_rewards(trainer, ctx: RLContext, futures: list, group_keys: list) -> EpochRewards:
+    """Wait for this rank's rewards, gather every rank's, compute advantages, keep this rank's slice.
+
+    ``futures`` are ``(future, items)`` per rollout batch; ``group_keys`` the global record id per
+    image in rank-major order (the order of the gathered tensors).
+    """
+    cfg, acc = trainer.cfg, trainer.accelerator
+    t0 = time.perf_counter()
+    results, items = [], []
+    for fut, its in futures:
+        results.extend(fut.result())
+        items.extend(its)
+    ctx.timings["reward_wait_s"] = time.perf_counter() - t0
+    names = list(ctx.weights)
+    local = torch.tensor([[r.reward if r.ok and r.reward is not None and math.isfinite(r.reward) else math.nan]
+                          + [r.scores.get(n, math.nan) for n in names] for r in results], dtype=torch.float64)
+    everything = acc.gather(local.to(acc.device)).cpu()
+    rewards, scores = everything[:, 0], {n: everything[:, 1 + i] for i, n in enumerate(names)}
+    failed = int(torch.isnan(rewards).sum())
+    total = rewards.numel()
+    if failed and (failed > cfg.reward_failure_budget * total or failed == total):
+        first = next((f"{r.id}: {r.error}" for r in results if not r.ok), "on another process")
+        raise RewardError(f"{failed}/{total} rewards failed in RL epoch {trainer.rl.epoch} (allowed fraction "
+                          f"{cfg.reward_failure_budget:g}); first error: {first[:300]}")
+    adv = compute_advantages(rewards, group_keys, per_group=cfg.rl_per_prompt_stat_tracking,
+                             global_std=cfg.rl_global_std, adv_clip_max=cfg.rl_adv_clip_max,
+                             scores=scores, weights=ctx.weights, per_scorer=cfg.rl_reward_norm == "per_scorer")
+    n_local = local.shape[0]
+    lo = acc.process_index * n_local
+    ok = rewards[~torch.isnan(rewards)]
+    metrics = {"reward/mean": ok.mean().item(), "reward/std": ok.std(unbiased=False).item(),
+               "reward/min": ok.min().item(), "reward/max": ok.max().item(), "reward/failed": float(failed)}
+    for n, s in scores.items():
+        s = s[~torch.isnan(s)]
+        if s.numel():
+            metrics[f"reward/{n}_mean"], metrics[f"reward/{n}_std"] = s.mean().item(), s.std(unbiased=False).item()
+    top = ok.sort(descending=True).values
+    metrics["reward/top25_mean"] = top[:max(1, len(top) // 4)].mean().item()
+    metrics.update({k: float(v) for k, v in adv.stats.items()})
+    return EpochRewards(rewards=rewards[lo:lo + n_local].float(), advantages=adv.advantages[lo:lo + n_local].float(),
+                        valid=adv.valid[lo:lo + n_local], metrics=metrics,
+                        items=list(zip(items, results)))
+
+
+# ---------------------------------------------------------------------- evaluation and images
+@torch.no_grad()
+def evaluate_heldout(trainer, ctx: RLContext) -> dict[str, float] | None:
+    """Deterministic samples of the held-out set (fixed noise per sample) scored with the eval weights.
+
+    Logged under ``eval/`` and appended to ``OUTPUT_DIR/eval_rewards.jsonl``; a reward that games
+    the training reward shows up here first.
+    """
+    cfg, acc, ds = trainer.cfg, trainer.accelerator, trainer.eval_dataset
+    if ds is None or ctx.eval_reward_fn is None:
+        return None
+    t0 = time.perf_counter()
+    steps = cfg.rl_eval_num_inference_steps or cfg.rl_num_inference_steps
+    mine = list(range(acc.process_index, len(ds), acc.num_processes))
+    results = []
+    for start in range(0, len(mine), cfg.train_batch_size):
+        idx = mine[start:start + cfg.train_batch_size]
+        batch = collate_samples([ds[i] for i in idx])
+        cond = trainer.condition(batch, cfg.rl_guidance_scale)
+        sigmas = trainer.model.sigmas(steps, cond.cond_latents.shape[1])
+        traj = sample_trajectory(trainer, cond, [keyed_generator(cfg.seed, 13, i) for i in idx], sigmas)
+        results.extend(ctx.eval_reward_fn(reward_items(batch, decode(trainer, traj.final, cond), "eval", idx)))
+    from accelerate.utils import gather_object
+
+    rows = gather_object([[r.reward if r.ok else None, dict(r.scores)] for r in results])
+    rewards = [r for r, _ in rows if r is not None]
+    out = {"eval/reward_mean": sum(rewards) / len(rewards) if rewards else math.nan,
+           "eval/failed": float(len(rows) - len(rewards)), "timing/eval_s": time.perf_counter() - t0}
+    for name in ctx.eval_weights:
+        vals = [s[name] for _, s in rows if name in s]
+        if vals:
+            out[f"eval/{name}_mean"] = sum(vals) / len(vals)
+    trainer.monitor.log(trainer.global_step, out)
+    if acc.is_main_process:
+        line = {"global_step": trainer.global_step, "rl_epoch": trainer.rl.epoch, **out}
+        with (Path(cfg.output_dir) / "eval_rewards.jsonl").open("a", encoding="utf-8") as f:
+            f.write(json.dumps(line) + "\n")
+    return out
+
+
+def log_image_grid(trainer, pairs, tag: str = "rollouts", limit: int = 8) -> None:
+    """Rows of (source | result | reference), each captioned with its text and reward (main process only)."""
+    if not trainer.accelerator.is_main_process or not pairs:
+        return
+    from PIL import Image, ImageDraw
+
+    rows = []
+    for item, res in pairs[:limit]:
+        h = item.image.size[1]
+        tiles = [im.convert("RGB").resize((h * im.size[0] // im.size[1], h))
+                 for im in (item.source, item.image, item.reference) if im is not None]
+        width = sum(t.size[0] for t in tiles)
+        row = Image.new("RGB", (max(width, 160), h + 14), (255, 255, 255))
+        x = 0
+        for t in tiles:
+            row.paste(t, (x, 0))
+            x += t.size[0]
+        reward = "failed" if res.reward is None else f"{res.reward:.3f}"
+        ImageDraw.Draw(row).text((2, h + 1), f"{item.text[:24]} r={reward}", fill=(0, 0, 0))
+        rows.append(row)
+    grid = Image.new("RGB", (max(r.size[0] for r in rows), sum(r.size[1] for r in rows)), (255, 255, 255))
+    y = 0
+    for r in rows:
+        grid.paste(r, (0, y))
+        y += r.size[1]
+    trainer.monitor.image(f"images/{tag}", grid, trainer.global_step)
+
+
+def end_of_epoch(trainer, ctx: RLContext, metrics: dict[str, float], rewards: EpochRewards) -> None:
+    """Count the epoch, log its figures, maybe evaluate / log images, then checkpoint if one is due."""
+    cfg, rl = trainer.cfg, trainer.rl
+    rl.epoch += 1
+    metrics = {**rewards.metrics, **metrics, "rl/epoch": rl.epoch,
+               **{f"timing/{k}": v for k, v in ctx.timings.items()}}
+    trainer.monitor.log(trainer.global_step, metrics)
+    if cfg.rl_image_log_every and rl.epoch % cfg.rl_image_log_every == 0:
+        log_image_grid(trainer, rewards.items)
+    last = trainer.global_step >= cfg.max_train_steps
+    if last or (cfg.rl_eval_every and rl.epoch % cfg.rl_eval_every == 0):
+        evaluate_heldout(trainer, ctx)
+    trainer.maybe_checkpoint()
