@@ -8,7 +8,7 @@ Every checkpoint column runs the same samples with the same seeds (sample ``i``:
 so differences come from the weights only. ``PATH@ema`` picks ``ip-adapter-ema.bin`` of that
 checkpoint folder (``--ema`` does it for all); ``--no_adapter`` adds the base model without style
 as a first column. Scores per sample: OCR accuracy, style similarity, background preservation
-and their weighted sum (``--reward_weights``, default equal weights), computed in-process or by
+and their weighted sum (``--reward_weights``, by default training's), computed in-process or by
 reward servers (``--reward_server_url``). Writes ``OUTPUT_DIR/metrics.json``,
 ``OUTPUT_DIR/report.html`` and the images under ``OUTPUT_DIR/images/``.
 """
@@ -25,9 +25,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from train.infer import (add_model_args, check_common_args, dataset_from_args, generate_dataset, load_model,
-                         quiet_loading, read_adapter, unique_names, use_adapter_state)
-from train.models.checkpoint_io import AdapterFileError
+from train.cli_flags import split_ema
+from train.infer import (add_model_args, check_common_args, dataset_from_args, generate_dataset,
+                         load_model, output_dir_problem, quiet_loading, read_adapter, unique_names, use_adapter_state)
+from train.models.checkpoint_io import AdapterFileError, atomic_write_text
 from train.report import METRICS, write_report
 
 BASE_LABEL = "base (no style)"
@@ -37,9 +38,7 @@ def parse_columns(args) -> list[dict]:
     """``[{label, path, ema}]`` in column order; ``path=None`` is the base model."""
     columns = [{"label": BASE_LABEL, "path": None, "ema": False}] if args.no_adapter else []
     for spec in args.ip_adapter_path:
-        path, ema = spec, args.ema
-        if spec.endswith("@ema"):
-            path, ema = spec[: -len("@ema")], True
+        path, ema = split_ema(str(spec), args.ema)
         columns.append({"label": None, "path": path, "ema": ema})
     if not columns:
         raise ValueError("nothing to evaluate: pass --ip_adapter_path (once per checkpoint) or --no_adapter")
@@ -63,8 +62,11 @@ def _default_label(path: str, ema: bool) -> str:
 
 def mask_outline(source: Image.Image, mask: Image.Image) -> Image.Image:
     """The source with the mask region tinted and outlined, for the report's first column."""
-    img = np.asarray(source.convert("RGB"), dtype=np.float32)
-    m = np.asarray(mask.convert("L").resize(source.size, Image.NEAREST)) > 127
+    from train.data.image_modes import to_luminance, to_rgb
+    from train.data.preprocess import MASK_THRESHOLD
+
+    img = np.asarray(to_rgb(source), dtype=np.float32)
+    m = np.asarray(to_luminance(mask).resize(source.size, Image.NEAREST)) > MASK_THRESHOLD
     edge = m & ~(np.roll(m, 1, 0) & np.roll(m, -1, 0) & np.roll(m, 1, 1) & np.roll(m, -1, 1))
     img[m] = img[m] * 0.75 + np.array([255, 0, 0]) * 0.25
     img[edge] = (255, 0, 0)
@@ -83,6 +85,35 @@ def _reward_fn(args, weights):
                            device=args.reward_device)
 
 
+def training_reward_weights() -> str:
+    """Training's default ``--reward_weights`` (``train.config``)."""
+    from train.config import TrainConfig
+
+    return TrainConfig().reward_weights
+
+
+def reward_weights(args) -> tuple[dict, str]:
+    """``(weights, note)``: ``--reward_weights``, else equal weights over ``--scorers``, else training's default;
+    the note says how they relate to training's default, so a report never silently uses other weights."""
+    from train.rewards.base import parse_reward_weights
+
+    default = parse_reward_weights(training_reward_weights())
+    if args.reward_weights:
+        weights = parse_reward_weights(args.reward_weights)
+        source = "--reward_weights"
+    elif args.scorers:
+        names = [n.strip() for n in args.scorers.split(",") if n.strip()]
+        if not names:
+            raise ValueError("--scorers is empty")
+        weights = parse_reward_weights({n: 1.0 / len(names) for n in names})
+        source = "equal weights over --scorers"
+    else:
+        return default, "training's default --reward_weights"
+    if weights == default:
+        return weights, f"{source}, the same as training's default"
+    return weights, f"{source}; training's default is {training_reward_weights()}"
+
+
 def evaluate(args) -> dict:
     """Generate, score and write everything; returns the metrics dict (also ``metrics.json``)."""
     from train.data.dataset import load_records, open_image
@@ -90,10 +121,9 @@ def evaluate(args) -> dict:
     from train.rewards.base import RewardItem, parse_reward_weights
 
     columns = parse_columns(args)
-    names = [n.strip() for n in args.scorers.split(",") if n.strip()]
-    weights = parse_reward_weights(args.reward_weights or {n: 1.0 / len(names) for n in names})
+    weights, weights_note = reward_weights(args)
     states = {c["label"]: read_adapter(c["path"], c["ema"], args.num_tokens) if c["path"] else None for c in columns}
-    records = load_records(args.data, resolution=args.resolution)[: args.limit]
+    records = load_records(args.data, resolution=args.resolution, flag="--data")[: args.limit]
     dataset = dataset_from_args(records, args)
 
     out = Path(args.output_dir)
@@ -154,26 +184,29 @@ def evaluate(args) -> dict:
                      "scale": args.scale, "resolution": args.resolution,
                      "reference_strip": not args.no_reference_strip,
                      "reference_strip_height": args.reference_strip_height or "official rule"},
-        "reward_weights": weights, "checkpoints": runs,
+        "reward_weights": weights, "reward_weights_note": weights_note, "checkpoints": runs,
         "samples": [{"id": rec.id, "text": rec.text, "seed": args.seed + i,
                      "source_image": f"images/inputs/{name}_source.png",
                      "reference_image": f"images/inputs/{name}_ref.png", "outputs": per_sample[i]}
                     for i, (rec, name) in enumerate(zip(records, names))],
     }
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False), encoding="utf-8")
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, ensure_ascii=False))
     write_report(metrics, out / "report.html", title=args.title)
     return metrics
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(parser, multiple_adapters=True)
     parser.add_argument("--label", action="append", help="column name per --ip_adapter_path, in order")
     parser.add_argument("--data", required=True, help="a .json/.jsonl record file or a benchmark folder")
     parser.add_argument("--output_dir", required=True, help="where metrics.json, report.html and images/ go")
     parser.add_argument("--limit", type=int, default=None, help="only the first N records")
-    parser.add_argument("--scorers", default="ocr,style,background", help="scorers when --reward_weights is absent")
-    parser.add_argument("--reward_weights", default=None, help="e.g. ocr=0.7,style=0.2,background=0.1")
+    parser.add_argument("--scorers", default=None,
+                        help="score with these scorers, equally weighted (instead of --reward_weights)")
+    parser.add_argument("--reward_weights", default=None,
+                        help=f"e.g. ocr=0.7,style=0.2,background=0.1 (default: training's, {training_reward_weights()})")
     parser.add_argument("--reward_server_url", default=None, help="comma-separated reward servers (else in-process)")
     parser.add_argument("--reward_device", default="cpu", help="device for in-process scorers")
     parser.add_argument("--title", default="Calligrapher evaluation")
@@ -183,6 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    problem = output_dir_problem("--output_dir", args.output_dir)
+    if problem:
+        parser.error(problem)
+    if args.scorers and args.reward_weights:
+        parser.error("give --reward_weights or --scorers, not both")
     check_common_args(parser, args)
     quiet_loading()
     from train.data.dataset import DatasetError

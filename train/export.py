@@ -58,26 +58,35 @@ def describe(state: dict) -> dict:
     }
 
 
-def _same(a: dict, b: dict) -> bool:
-    return all(set(a[p]) == set(b[p]) and all(torch.equal(a[p][k], b[p][k]) for k in a[p]) for p in a)
+def same_weights(a: dict, b: dict) -> bool:
+    """Two states (our layout) hold the same keys with equal values, shapes and dtypes."""
+    return set(a) == set(b) and all(
+        set(a[p]) == set(b[p]) and all(a[p][k].dtype == b[p][k].dtype and torch.equal(a[p][k], b[p][k]) for k in a[p])
+        for p in a)
 
 
 def export(checkpoint: str | Path, out: str | Path, ema: bool = False, layout: str = "official") -> dict:
     """Read ``checkpoint`` (either layout), write ``out`` in ``layout``, verify the round trip."""
-    source = resolve_adapter_file(checkpoint, ema)
+    from train.cli_flags import split_ema
+
+    source = resolve_adapter_file(*split_ema(str(checkpoint), ema))
     state = read_adapter_file(source)
     out = Path(out)
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder; give a file name such as {out / 'calligrapher.bin'}")
     if out.resolve() == source.resolve():
         raise ValueError(f"--out {out} would overwrite the checkpoint it reads")
     save_adapter_file(state, out, layout=layout)
-    if not _same(state, read_adapter_file(out)):
+    if not same_weights(state, read_adapter_file(out)):
         raise RuntimeError(f"{out} does not read back to the same weights as {source}")
     return {"source": str(source), "out": str(out), "layout": layout, **describe(state)}
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="checkpoint-N folder or adapter weight file")
+    parser = argparse.ArgumentParser(prog="python -m train.export", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True,
+                        help="checkpoint-N folder or adapter weight file; append @ema for the folder's ip-adapter-ema.bin")
     parser.add_argument("--ema", action="store_true", help="export ip-adapter-ema.bin of the checkpoint folder")
     parser.add_argument("--out", required=True, help="file to write, e.g. calligrapher.bin")
     parser.add_argument("--layout", choices=("official", "ours"), default="official",
@@ -86,7 +95,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         info = export(args.checkpoint, args.out, args.ema, args.layout)
-    except (AdapterFileError, ValueError) as exc:
+    except (AdapterFileError, ValueError, RuntimeError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(info))

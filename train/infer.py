@@ -25,48 +25,27 @@ from pathlib import Path
 
 import torch
 
+from train.cli_flags import (DEFAULT_NUM_TOKENS, add_adapter_flags, add_model_flags, add_preprocessing_flags,
+                             add_sampling_flags, preprocessing_problems, sampling_problems, split_ema)
 from train.export import describe, resolve_adapter_file
+from train.data.prompt_limits import TruncationNotes, quiet_truncation
 from train.models.adapter import StyleAdapter
 from train.models.calligrapher import Calligrapher
-from train.models.checkpoint_io import AdapterFileError, load_adapter_state, read_adapter_file
+from train.models.checkpoint_io import AdapterFileError, atomic_write, atomic_write_text, load_adapter_state, read_adapter_file
 
+# Extensions --output accepts (lossless PNG is what the tools write), and the PIL format of each.
+OUTPUT_EXTENSIONS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP",
+                     ".tif": "TIFF", ".tiff": "TIFF"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DEFAULT_NUM_TOKENS = 128
 
 
 # ---------------------------------------------------------------------------- model loading
 def add_model_args(parser: argparse.ArgumentParser, multiple_adapters: bool = False) -> None:
-    """Flags shared by ``train.infer`` and ``train.evaluate``."""
-    parser.add_argument("--pretrained_model_name_or_path", required=True, help="diffusers-layout FLUX.1-Fill folder")
-    parser.add_argument("--siglip_path", required=True, help="SigLIP vision model folder")
-    if multiple_adapters:
-        parser.add_argument("--ip_adapter_path", action="append", default=[],
-                            help="checkpoint-N folder or weight file (either layout); give it twice to compare")
-    else:
-        parser.add_argument("--ip_adapter_path", help="checkpoint-N folder or weight file (either layout)")
-    parser.add_argument("--ema", action="store_true", help="use ip-adapter-ema.bin of a checkpoint folder")
-    parser.add_argument("--no_adapter", action="store_true",
-                        help="add the base FLUX.1-Fill without style (adapter scale 0) as a first column"
-                        if multiple_adapters else
-                        "run the base FLUX.1-Fill without style (adapter scale 0) instead of a checkpoint")
-    parser.add_argument("--num_tokens", type=int, default=None,
-                        help=f"style tokens; read from the weight file when omitted ({DEFAULT_NUM_TOKENS} "
-                             "with --no_adapter)")
-    parser.add_argument("--resolution", type=int, default=512, help="model canvas side (multiple of 16)")
-    parser.add_argument("--no_reference_strip", action="store_true",
-                        help="do not paste the reference above the source (official inference does)")
-    parser.add_argument("--reference_strip_height", type=int, default=0,
-                        help="fixed strip height (multiple of 16), as in training; 0 = the official rule "
-                             "(follows each reference's aspect ratio)")
-    parser.add_argument("--num_inference_steps", type=int, default=50)
-    parser.add_argument("--guidance_scale", type=float, default=30.0, help="FLUX guidance embedding (official: 30)")
-    parser.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
-    parser.add_argument("--scale", type=float, default=1.0, help="style adapter scale")
-    parser.add_argument("--batch_size", type=int, default=1)
-    parser.add_argument("--max_sequence_length", type=int, default=512, help="T5 prompt length")
-    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    parser.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
-                        help="auto: bfloat16 on GPU, float32 on CPU")
+    """Flags shared by ``train.infer``, ``train.evaluate`` and the web app (defined in :mod:`train.cli_flags`)."""
+    add_model_flags(parser)
+    add_adapter_flags(parser, multiple=multiple_adapters)
+    add_preprocessing_flags(parser)
+    add_sampling_flags(parser)
 
 
 def resolve_device_dtype(device: str | None, dtype: str) -> tuple[str, torch.dtype]:
@@ -77,7 +56,11 @@ def resolve_device_dtype(device: str | None, dtype: str) -> tuple[str, torch.dty
 
 
 def read_adapter(path: str | Path, ema: bool = False, num_tokens: int | None = None) -> tuple[dict, Path, dict]:
-    """``(state in our layout, file, geometry)``; raises if ``num_tokens`` disagrees with the file."""
+    """``(state in our layout, file, geometry)``; raises if ``num_tokens`` disagrees with the file.
+
+    ``path`` may end in ``@ema`` (the folder's ``ip-adapter-ema.bin``).
+    """
+    path, ema = split_ema(str(path), ema)
     file = resolve_adapter_file(path, ema)
     state = read_adapter_file(file)
     info = describe(state)
@@ -193,11 +176,24 @@ def generate(model: Calligrapher, samples, num_inference_steps: int = 50, guidan
     return outputs
 
 
+def _truncation_notes(model: Calligrapher, max_sequence_length: int) -> TruncationNotes:
+    """One :class:`TruncationNotes` per model and prompt length (so each record is named once per run)."""
+    notes = getattr(model, "_truncation_notes", None)
+    if notes is None or notes.max_sequence_length != max_sequence_length:
+        notes = TruncationNotes(model.pipe.tokenizer_2, max_sequence_length)
+        model._truncation_notes = notes
+    return notes
+
+
 def _generate_batch(model, batch, seeds, steps, guidance, channels, max_sequence_length) -> list[torch.Tensor]:
     generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
     image = torch.stack([s.image for s in batch])
     mask = torch.stack([s.mask for s in batch])
-    embeds, pooled, text_ids = model.encode_prompt([s.text for s in batch], max_sequence_length)
+    notes = _truncation_notes(model, max_sequence_length)
+    for s in batch:
+        notes.check(s.id, s.text)
+    with quiet_truncation():
+        embeds, pooled, text_ids = model.encode_prompt([s.text for s in batch], max_sequence_length)
     style = model.encode_style([s.style_image for s in batch])
     h, w = image.shape[-2:]
     factor = model.pipe.vae_scale_factor * 2
@@ -230,14 +226,15 @@ def unique_names(ids) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m train.infer", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(parser)
     one = parser.add_argument_group("one sample")
     one.add_argument("--source", help="source image")
     one.add_argument("--mask", help="mask image (white = paint the text here)")
     one.add_argument("--ref", help="style reference image (default: the source cropped to the mask's box)")
     one.add_argument("--text", help="text to paint")
-    one.add_argument("--output", help="output image file")
+    one.add_argument("--output", help=f"output image file ({', '.join(OUTPUT_EXTENSIONS)})")
     many = parser.add_argument_group("a dataset")
     many.add_argument("--data", help="a .json/.jsonl record file or a benchmark folder")
     many.add_argument("--output_dir", help="folder for {id}.png and results.jsonl")
@@ -246,12 +243,39 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_common_args(parser, args) -> None:
-    if args.resolution % 16:
-        parser.error("--resolution must be a multiple of 16")
-    if args.reference_strip_height < 0 or args.reference_strip_height % 16:
-        parser.error("--reference_strip_height must be 0 or a positive multiple of 16")
-    if args.batch_size < 1 or args.num_inference_steps < 1:
-        parser.error("--batch_size and --num_inference_steps must be >= 1")
+    """Preprocessing and sampling flags, checked before anything loads (one line, exit 2)."""
+    problems = preprocessing_problems(args) + sampling_problems(args)
+    if getattr(args, "limit", None) is not None and args.limit < 1:
+        problems.append(f"--limit must be at least 1, got {args.limit}")
+    if problems:
+        parser.error("; ".join(problems))
+
+
+def output_dir_problem(flag: str, path) -> str | None:
+    """Why ``path`` cannot be an output folder (it is a file, or lies under one), or None."""
+    p = Path(path)
+    for q in (p, *p.parents):
+        if q.exists():
+            return None if q.is_dir() else (f"{flag} {path} is a file, not a folder" if q == p
+                                           else f"{flag} {path} lies under {q}, which is a file")
+    return None
+
+
+def output_file_problem(flag: str, path) -> str | None:
+    """Why ``path`` cannot be written as an image (unknown extension, a folder), or None."""
+    p = Path(path)
+    if p.is_dir():
+        return f"{flag} {path} is a folder; give an image file name such as {p / 'out.png'}"
+    if p.suffix.lower() not in OUTPUT_EXTENSIONS:
+        return (f"{flag} {path}: {repr(p.suffix) if p.suffix else 'no'} image extension; "
+                f"use one of {', '.join(OUTPUT_EXTENSIONS)}")
+    return output_dir_problem(flag, p.parent) if str(p.parent) else None
+
+
+def save_image(image, path) -> None:
+    """Write ``image`` to ``path`` atomically, in the format its extension names."""
+    path = Path(path)
+    atomic_write(path, lambda f: image.save(f, format=OUTPUT_EXTENSIONS[path.suffix.lower()]))
 
 
 def dataset_from_args(records, args):
@@ -269,10 +293,13 @@ def _check_mode(parser, args) -> None:
             parser.error("give either --data/--output_dir or --source/--mask/--text/--output, not both")
         if not args.output_dir:
             parser.error("--data needs --output_dir")
+        problem = output_dir_problem("--output_dir", args.output_dir)
     elif not all(v is not None for v in single):
         parser.error("one sample needs --source, --mask, --text and --output (or use --data and --output_dir)")
-    elif not args.text.strip():
-        parser.error("--text is empty")
+    else:
+        problem = output_file_problem("--output", args.output)
+    if problem:
+        parser.error(problem)
     check_common_args(parser, args)
 
 
@@ -298,20 +325,15 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     _check_mode(parser, args)
     quiet_loading()
-    from train.data.dataset import DatasetError, Record, load_records
+    from train.data.dataset import DatasetError, load_records, load_sample
 
     try:
         if args.data:
-            records = load_records(args.data, resolution=args.resolution)[: args.limit]
+            records = load_records(args.data, resolution=args.resolution, flag="--data")[: args.limit]
         else:
-            paths = [Path(p).resolve() for p in (args.source, args.mask)]
-            missing = [str(p) for p in paths + ([Path(args.ref)] if args.ref else []) if not p.is_file()]
-            if missing:
-                raise FileNotFoundError(f"not found: {', '.join(missing)}")
-            records = [Record(id=paths[0].stem, source=paths[0], mask=paths[1], text=args.text,
-                              ref=Path(args.ref).resolve() if args.ref else None)]
+            records = [load_sample(args.source, args.mask, args.text, args.ref, resolution=args.resolution)]
         dataset = dataset_from_args(records, args)
-        dataset[0]  # preprocessing problems (e.g. a size mismatch) surface before the model loads
+        dataset[0]  # preprocessing problems surface before the model loads
         model = model_from_args(args)
     except (DatasetError, AdapterFileError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -319,18 +341,18 @@ def main(argv=None) -> int:
     outputs = generate_dataset(model, dataset, args, 0.0 if args.no_adapter else args.scale)
     if not args.data:
         _, _, image = next(outputs)
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        image.save(args.output)
+        save_image(image, args.output)
         print(json.dumps({"output": str(args.output), "seed": args.seed}))
         return 0
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     names = unique_names(r.id for r in records)
-    with open(out / "results.jsonl", "w", encoding="utf-8") as f:
-        for i, sample, image in outputs:
-            image.save(out / f"{names[i]}.png")
-            f.write(json.dumps({"id": sample.id, "text": sample.text, "image": f"{names[i]}.png",
-                                "seed": args.seed + i}, ensure_ascii=False) + "\n")
+    lines = []
+    for i, sample, image in outputs:
+        save_image(image, out / f"{names[i]}.png")
+        lines.append(json.dumps({"id": sample.id, "text": sample.text, "image": f"{names[i]}.png",
+                                 "seed": args.seed + i}, ensure_ascii=False) + "\n")
+    atomic_write_text(out / "results.jsonl", "".join(lines))
     print(json.dumps({"output_dir": str(out), "samples": len(records)}))
     return 0
 

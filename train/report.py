@@ -65,6 +65,11 @@ def _weights_text(weights: dict) -> str:
     return " + ".join(f"{w:.3g}·{name}" for name, w in weights.items()) or "no weights"
 
 
+def _note(metrics: dict) -> str:
+    note = metrics.get("reward_weights_note")
+    return f" ({html.escape(note)})" if note else ""
+
+
 def _img(src: str, alt: str) -> str:
     return f'<img src="{html.escape(src)}" alt="{html.escape(alt)}" loading="eager">'
 
@@ -134,7 +139,7 @@ def render_report(metrics: dict, title: str = "Calligrapher evaluation") -> str:
 {settings}</div>
 <h2>Mean scores</h2>
 {_means_table(metrics)}
-<p class="settings">reward = {html.escape(_weights_text(metrics.get("reward_weights", {})))};
+<p class="settings">reward = {html.escape(_weights_text(metrics.get("reward_weights", {})))}{_note(metrics)};
 changes in brackets are against the first checkpoint column.</p>
 <h2>Samples</h2>
 <div class="grid" style="{grid_style}">
@@ -146,6 +151,9 @@ changes in brackets are against the first checkpoint column.</p>
 
 
 def write_report(metrics: dict, path: str | Path, title: str = "Calligrapher evaluation") -> Path:
+    """Write the report atomically (temporary file, then rename)."""
+    from train.models.checkpoint_io import atomic_write_text
+
     path = Path(path)
-    path.write_text(render_report(metrics, title), encoding="utf-8")
+    atomic_write_text(path, render_report(metrics, title))
     return path

@@ -28,19 +28,25 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .preprocess import MASK_THRESHOLD, PreparedSample, binarize_mask, collate_samples, prepare_inputs
+from .image_modes import to_luminance, to_rgb
+from .preprocess import MASK_THRESHOLD, PreparedSample, binarize_mask, collate_samples, prepare_inputs, resize_mask
 
 ALLOWED_KEYS = ("source", "mask", "text", "ref", "id")
 BENCH_PROMPTS = "self_bench.txt"
 
 
 class DatasetError(ValueError):
-    """Invalid training data; ``problems`` holds one line per problem, each naming the record."""
+    """An invalid dataset; ``problems`` holds one line per problem, each naming the record.
 
-    def __init__(self, where, problems: list[str]):
-        self.problems = list(problems)
+    The message starts with ``where`` (the dataset path, preceded by ``flag`` when given, e.g.
+    ``--rl_eval_data data/eval.jsonl``), so callers print it as is rather than adding the path again.
+    """
+
+    def __init__(self, where, problems: list[str], flag: str | None = None):
+        self.where, self.flag, self.problems = str(where), flag, list(problems)
         lines = "\n".join(f"  {p}" for p in self.problems)
-        super().__init__(f"{where}: {len(self.problems)} problem(s) in the training data:\n{lines}")
+        head = f"{flag} {where}" if flag else f"{where}"
+        super().__init__(f"{head}: {len(self.problems)} problem(s):\n{lines}")
 
 
 @dataclass(frozen=True)
@@ -91,13 +97,19 @@ def _read_jsonl(path: Path) -> list[_Raw]:
     return out
 
 
-def _read_benchmark(root: Path) -> list[_Raw]:
+def _read_benchmark(root: Path) -> tuple[list[_Raw], list[str]]:
+    """Records of a benchmark folder, and problems of ``self_bench.txt`` itself (reported beside the
+    records' own problems, so one bad line does not hide a missing image)."""
     prompts = root / BENCH_PROMPTS
     if not prompts.is_file():
         raise DatasetError(root, [f"a dataset directory needs {BENCH_PROMPTS} (official benchmark layout: "
                                   f"lines 'N-text' and files test{{N}}_source.png, test{{N}}_mask.png, test{{N}}_ref.png)"])
-    problems, texts = [], {}
-    for lineno, line in enumerate(prompts.read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        lines = prompts.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DatasetError(root, [f"cannot read {BENCH_PROMPTS}: {e}"]) from None
+    problems, texts, where = [], {}, {}
+    for lineno, line in enumerate(lines, 1):
         line = line.strip()
         if not line:
             continue
@@ -105,22 +117,21 @@ def _read_benchmark(root: Path) -> list[_Raw]:
         if not sep or not key.strip().isdigit():
             problems.append(f"{BENCH_PROMPTS} line {lineno}: expected 'N-text', got {line!r}")
         elif int(key) in texts:
-            problems.append(f"{BENCH_PROMPTS} line {lineno}: duplicate sample number {int(key)}")
+            problems.append(f"{BENCH_PROMPTS} line {lineno}: duplicate sample number {int(key)} "
+                            f"(also line {where[int(key)]})")
         else:
-            texts[int(key)] = text
+            texts[int(key)], where[int(key)] = text, lineno
     for f in sorted(root.glob("test*_source.png")):
         m = re.fullmatch(r"test(\d+)_source\.png", f.name)
         if m and int(m.group(1)) not in texts:
             problems.append(f"{f.name} has no line in {BENCH_PROMPTS}")
-    if problems:
-        raise DatasetError(root, problems)
     out = []
     for i, n in enumerate(sorted(texts)):
         ref = root / f"test{n}_ref.png"
         fields = {"source": f"test{n}_source.png", "mask": f"test{n}_mask.png", "text": texts[n],
                   "ref": ref.name if ref.exists() else None}
         out.append(_Raw(i, f"test{n}", fields, []))
-    return out
+    return out, problems
 
 
 # ---------------------------------------------------------------------- validation
@@ -138,6 +149,7 @@ def _load_image(label: str, value, base: Path, problems: list[str]) -> tuple[Pat
         data = path.read_bytes()
         img = Image.open(io.BytesIO(data))
         img.load()  # decode fully: truncated files fail here, not mid-training
+        img = to_luminance(img) if label == "mask" else to_rgb(img)  # modes Pillow cannot convert fail here too
     except Exception as e:  # PIL raises many types for bad files
         problems.append(f"{label} is not a readable image: {path} ({type(e).__name__}: {e})")
         return None
@@ -191,9 +203,9 @@ def _check(raw: _Raw, base: Path, resolution: int | None) -> tuple[Record | None
             problems.append(f"mask is empty (no pixel above {MASK_THRESHOLD}): {mask[0]}")
         elif m.all():
             problems.append(f"mask is all white (it covers the whole image): {mask[0]}")
-        elif resolution and not binarize_mask(mask[2].convert("L").resize((resolution, resolution),
-                                                                           Image.NEAREST)).any():
-            problems.append(f"mask vanishes when resized to {resolution}x{resolution}: {mask[0]}")
+        elif resolution and not binarize_mask(resize_mask(mask[2], resolution)).any():
+            problems.append(f"mask vanishes when resized (nearest neighbour) to the training resolution "
+                            f"{resolution}x{resolution}: {mask[0]}; draw it thicker or use a larger --resolution")
         if source is not None and source[2].size != mask[2].size:
             (sw, sh), (mw, mh) = source[2].size, mask[2].size
             problems.append(f"size mismatch: source is {sw}x{sh} but mask is {mw}x{mh}")
@@ -213,26 +225,38 @@ def _label(raw: _Raw, rid: str | None) -> str:
     return f"record {raw.index}" + (f" ({', '.join(parts)})" if parts else "")
 
 
-def load_records(path, resolution: int | None = None) -> list[Record]:
+def load_records(path, resolution: int | None = None, flag: str | None = None) -> list[Record]:
     """Read and validate a dataset (``.json``, ``.jsonl`` or benchmark directory) -> records in file order.
 
     ``resolution`` additionally checks that every mask survives resizing to that size.
-    Raises :class:`DatasetError` listing every problem found.
+    Raises :class:`DatasetError` listing every problem found; ``flag`` (e.g. ``"--rl_eval_data"``)
+    names the command-line flag the path came from in its message.
     """
     path = Path(path).expanduser()
     if not path.exists():
-        raise DatasetError(path, ["dataset not found"])
-    if path.is_dir():
-        raws, base = _read_benchmark(path), path.resolve()
-    elif path.suffix.lower() == ".jsonl":
-        raws, base = _read_jsonl(path), path.resolve().parent
-    elif path.suffix.lower() == ".json":
-        raws, base = _read_json(path), path.resolve().parent
-    else:
-        raise DatasetError(path, ["expected a .json or .jsonl file, or a benchmark directory"])
-    if not raws:
-        raise DatasetError(path, ["the dataset has no records"])
+        raise DatasetError(path, ["dataset not found"], flag)
+    file_problems: list[str] = []
+    try:
+        if path.is_dir():
+            raws, file_problems = _read_benchmark(path)
+            base = path.resolve()
+        elif path.suffix.lower() == ".jsonl":
+            raws, base = _read_jsonl(path), path.resolve().parent
+        elif path.suffix.lower() == ".json":
+            raws, base = _read_json(path), path.resolve().parent
+        else:
+            raise DatasetError(path, ["expected a .json or .jsonl file, or a benchmark directory"])
+    except DatasetError as exc:
+        raise DatasetError(path, exc.problems, flag) from None
+    if not raws and not file_problems:
+        raise DatasetError(path, ["the dataset has no records"], flag)
+    records, problems = _validate(raws, base, resolution)
+    if file_problems or problems:
+        raise DatasetError(path, file_problems + problems, flag)
+    return records
 
+
+def _validate(raws: list[_Raw], base: Path, resolution: int | None) -> tuple[list[Record], list[str]]:
     records, problems, seen = [], [], {}
     for raw in raws:
         record, rid, probs = _check(raw, base, resolution)
@@ -247,15 +271,31 @@ def load_records(path, resolution: int | None = None) -> list[Record]:
         problems += [f"{label}: {p}" for p in probs]
         if record is not None and not probs:
             records.append(record)
+    return records, problems
+
+
+def load_sample(source, mask, text: str, ref=None, resolution: int | None = None) -> Record:
+    """Validate one sample given as files (``infer --source/--mask/--ref/--text``) with the dataset's
+    rules; the record id is the source file's stem. Raises :class:`DatasetError` naming each problem."""
+    fields = {"source": str(Path(source).expanduser().resolve()), "mask": str(Path(mask).expanduser().resolve()),
+              "text": text, "ref": None if ref is None else str(Path(ref).expanduser().resolve()),
+              "id": Path(source).stem or "sample"}
+    records, problems = _validate([_Raw(0, "", fields, [])], Path.cwd(), resolution)
     if problems:
-        raise DatasetError(path, problems)
-    return records
+        raise DatasetError("--source/--mask/--ref/--text", [p.split(": ", 1)[1] for p in problems])
+    return records[0]
 
 
 # ---------------------------------------------------------------------- torch dataset
 def open_image(path: Path, mode: str) -> Image.Image:
+    """Read an image file as 8-bit ``"RGB"`` or ``"L"`` through :mod:`train.data.image_modes`."""
+    convert = {"RGB": to_rgb, "L": to_luminance}.get(mode)
+    if convert is None:
+        raise ValueError(f"open_image reads 'RGB' or 'L', not {mode!r}")
     with Image.open(path) as img:
-        return img.convert(mode)
+        img.load()
+        out = convert(img)
+        return out.copy() if out is img else out  # closing the file invalidates ``img`` itself
 
 
 class CalligraphyDataset(torch.utils.data.Dataset):

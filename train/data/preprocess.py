@@ -5,17 +5,22 @@ This follows the official Calligrapher inference scripts, with every ambiguous p
 * **Source**: resized to ``resolution x resolution`` (bicubic, aspect ratio *not* kept), as the
   official scripts do; :func:`to_output_image` resizes the result back to the original size, so
   the output has the source's geometry.
+* **Pixels**: every image goes through :mod:`train.data.image_modes` first (16-bit scaled to 8 bits,
+  transparency composited on black), so no mode is clipped to white.
 * **Mask**: read as luminance, resized with nearest neighbour, then ``pixel > 127`` (the 0.5
   threshold of SPEC §4) is 1 = paint here. The official scripts keep any pixel ``> 0``; both agree
   on binary 0/255 masks such as the benchmark's, and 0.5 is robust to anti-aliased or JPEG masks.
 * **Style image** (SigLIP input): the reference, aspect-preserving resized (bilinear) into a
   512 x 512 square and centred on black (:func:`pad_to_square`).
-* **In-context strip** (on by default): the reference resized to the canvas width and to the
-  multiple of 16 nearest to its aspect-preserving height, pasted *above* the source, with a zero
-  mask over it. The official code does not bound this height; here it is clamped to
-  ``[16, resolution]`` (taller references are fitted into a ``resolution`` high band, centred on
-  black) so a tall reference cannot blow up the canvas. ``strip_height=`` fixes the strip height
-  for every sample (reference fitted into the band), which makes canvases batchable.
+* **In-context strip** (on by default): the reference resized to the canvas width, as the official
+  ``generate_context_reference_image`` does: height ``int((width / ref_w) * ref_h)`` rounded to the
+  nearest multiple of 16 (ties go down), then ``cv2.resize`` with its default ``INTER_LINEAR`` (no
+  antialiasing: shrinking a 300 px reference to 32 px differs from PIL's bilinear by up to 90/255).
+  It is pasted *above* the source, with a zero mask over it. The official code does not bound this
+  height (a very wide reference even gives height 0, which it cannot resize to); here it is clamped to
+  ``[16, resolution]`` (the reference is then fitted into a band of that height, centred on black) so a
+  tall reference cannot blow up the canvas. ``strip_height=`` fixes the strip height for every sample
+  (reference fitted into the band), which makes canvases batchable.
 * **Self-reference**: without a reference image, the source cropped to the bounding box of all
   mask pixels (original resolution) is the reference.
 
@@ -31,6 +36,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .image_modes import to_luminance, to_rgb
+
 MASK_THRESHOLD = 127  # mask pixel (0..255 luminance) > this means "paint here"
 STYLE_SIZE = 512  # the official scripts pad the reference to 512 x 512 before the SigLIP processor
 MULTIPLE = 16
@@ -39,7 +46,7 @@ MULTIPLE = 16
 # ---------------------------------------------------------------------- image helpers
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:
     """RGB PIL image -> ``[3, H, W]`` float32 in ``[-1, 1]``."""
-    arr = np.asarray(img.convert("RGB"), dtype=np.float32)
+    arr = np.asarray(to_rgb(img), dtype=np.float32)
     return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1.0
 
 
@@ -53,7 +60,12 @@ def tensor_to_pil(x: torch.Tensor) -> Image.Image:
 
 def binarize_mask(mask: Image.Image) -> np.ndarray:
     """Mask image -> boolean ``[H, W]`` array (luminance > :data:`MASK_THRESHOLD`)."""
-    return np.asarray(mask.convert("L")) > MASK_THRESHOLD
+    return np.asarray(to_luminance(mask)) > MASK_THRESHOLD
+
+
+def resize_mask(mask: Image.Image, resolution: int) -> Image.Image:
+    """Mask luminance at ``resolution x resolution`` with nearest neighbour (then threshold it)."""
+    return to_luminance(mask).resize((resolution, resolution), Image.NEAREST)
 
 
 def mask_bbox(mask: Image.Image | np.ndarray) -> tuple[int, int, int, int] | None:
@@ -65,14 +77,29 @@ def mask_bbox(mask: Image.Image | np.ndarray) -> tuple[int, int, int, int] | Non
     return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
 
 
-def fit_into(img: Image.Image, size: tuple[int, int], fill=(0, 0, 0)) -> Image.Image:
-    """Aspect-preserving resize (bilinear) of ``img`` into ``size = (w, h)``, centred on ``fill``."""
+def _pil_bilinear(img: Image.Image, size: tuple[int, int]) -> Image.Image:
+    return img.resize(size, Image.BILINEAR)
+
+
+def cv2_linear(img: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """``cv2.resize`` with its default ``INTER_LINEAR`` (what the official strip uses) of an RGB image."""
+    import cv2
+
+    return Image.fromarray(cv2.resize(np.asarray(to_rgb(img)), size, interpolation=cv2.INTER_LINEAR), mode="RGB")
+
+
+def fit_into(img: Image.Image, size: tuple[int, int], fill=(0, 0, 0), resize=_pil_bilinear) -> Image.Image:
+    """Aspect-preserving resize of ``img`` into ``size = (w, h)``, centred on ``fill``.
+
+    Sizes truncate (``int(w * scale)``) as the official ``resize_img_and_pad``; ``resize(img, size)``
+    does the resampling (PIL bilinear by default, as there).
+    """
     w, h = img.size
     tw, th = size
     scale = min(tw / w, th / h)
     nw, nh = max(1, int(w * scale)), max(1, int(h * scale))
     canvas = Image.new("RGB", (tw, th), fill)
-    canvas.paste(img.convert("RGB").resize((nw, nh), Image.BILINEAR), ((tw - nw) // 2, (th - nh) // 2))
+    canvas.paste(resize(to_rgb(img), (nw, nh)), ((tw - nw) // 2, (th - nh) // 2))
     return canvas
 
 
@@ -85,29 +112,42 @@ def pad_to_square(img: Image.Image, size: int | None = None, fill=(0, 0, 0)) -> 
     return fit_into(img, (side, side), fill)
 
 
+def style_image(ref: Image.Image) -> Image.Image:
+    """What SigLIP sees of a reference: :func:`pad_to_square` to :data:`STYLE_SIZE` (the official
+    ``resize_img_and_pad(ref, (512, 512))``). The model and the style reward both use this."""
+    return pad_to_square(ref, STYLE_SIZE)
+
+
 def nearest_multiple(x: float, m: int = MULTIPLE) -> int:
     """The multiple of ``m`` nearest to ``x`` (ties go down, as in the official code)."""
     lower = int(x // m) * m
     return lower if x - lower <= lower + m - x else lower + m
 
 
+def official_strip_height(ref_size: tuple[int, int], width: int) -> int:
+    """The official strip height for a ``(w, h)`` reference at canvas ``width``: the aspect-preserving
+    height truncated to an integer (``int((width / w) * h)``, in that order of float operations),
+    then rounded to the nearest multiple of 16 with ties going down. May be 0 for very wide references."""
+    rw, rh = ref_size
+    return nearest_multiple(int((width / rw) * rh))
+
+
 def make_reference_strip(ref: Image.Image, width: int, height: int | None = None,
                          max_height: int | None = None) -> Image.Image:
-    """The in-context strip: ``ref`` at the canvas ``width``.
+    """The in-context strip: ``ref`` at the canvas ``width`` (see the module docstring).
 
-    ``height=None``: the official rule, height = the multiple of 16 nearest to the aspect-preserving
-    height (a slight stretch). Outside ``[16, max_height]`` the height is clamped and the reference
-    fitted into the band instead of stretched. A given ``height`` always fits the reference into the band.
+    ``height=None``: the official rule (:func:`official_strip_height`, a slight stretch, ``cv2``
+    linear resize). Outside ``[16, max_height]`` the height is clamped and the reference fitted into
+    the band instead of stretched. A given ``height`` always fits the reference into the band.
     """
     if height is None:
-        rw, rh = ref.size
-        natural = nearest_multiple(width * rh / rw)
+        natural = official_strip_height(ref.size, width)
         if MULTIPLE <= natural and (max_height is None or natural <= max_height):
-            return ref.convert("RGB").resize((width, natural), Image.BILINEAR)
+            return cv2_linear(ref, (width, natural))
         height = MULTIPLE if natural < MULTIPLE else max_height
     if height <= 0 or height % MULTIPLE:
         raise ValueError(f"strip height must be a positive multiple of {MULTIPLE}, got {height}")
-    return fit_into(ref, (width, height))
+    return fit_into(ref, (width, height), resize=cv2_linear)
 
 
 # ---------------------------------------------------------------------- samples
@@ -136,16 +176,16 @@ def prepare_inputs(source: Image.Image, mask: Image.Image, text: str, ref: Image
         raise ValueError(f"resolution must be a positive multiple of {MULTIPLE}, got {resolution}")
     if source.size != mask.size:
         raise ValueError(f"source is {source.size[0]}x{source.size[1]} but mask is {mask.size[0]}x{mask.size[1]}")
-    source = source.convert("RGB")
+    source = to_rgb(source)
     if ref is None:
         box = mask_bbox(mask)
         if box is None:
             raise ValueError("mask is empty: no self-reference can be cropped")
         ref = source.crop(box)
-    ref = ref.convert("RGB")
+    ref = to_rgb(ref)
 
     src = source.resize((resolution, resolution), Image.BICUBIC)
-    m = binarize_mask(mask.convert("L").resize((resolution, resolution), Image.NEAREST))
+    m = binarize_mask(resize_mask(mask, resolution))
     if not m.any():
         raise ValueError(f"mask is empty after resizing to {resolution}x{resolution}")
 
@@ -159,7 +199,7 @@ def prepare_inputs(source: Image.Image, mask: Image.Image, text: str, ref: Image
         mask_t = torch.cat([torch.zeros(1, strip_h, resolution), mask_t], dim=1)
     return PreparedSample(
         id=id, text=text, image=image, mask=mask_t,
-        style_image=pad_to_square(ref, STYLE_SIZE),
+        style_image=style_image(ref),
         source_box=(0, strip_h, resolution, strip_h + resolution),
         source_size=source.size,
     )

@@ -11,7 +11,7 @@ Official layout (the released ``calligrapher.bin``, read by the official inferen
 
 Loading is strict: every missing or unexpected key and every shape mismatch is reported in
 one :class:`AdapterFileError` (the official loader's ``strict=False`` hides such bugs).
-Writes are atomic (temporary file + rename).
+Writes are atomic (temporary file + rename) and get the same permissions as any new file (umask).
 """
 
 from __future__ import annotations
@@ -31,20 +31,45 @@ class AdapterFileError(ValueError):
     """A weight file that is not a valid adapter for this model; the message lists every problem."""
 
 
-def atomic_torch_save(obj, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``."""
+def new_file_mode() -> int:
+    """The permissions ``open()`` gives a new file (0666 minus the umask); ``mkstemp`` would give 0600."""
+    try:  # Linux reports the umask without changing it (os.umask would, process-wide)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def atomic_write(path: str | os.PathLike, write, binary: bool = True) -> None:
+    """Call ``write(file)`` on a temporary file in ``path``'s folder, fsync, give it the usual permissions
+    (:func:`new_file_mode`), then rename it over ``path``: readers see the old file or the new one, never half."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        os.fchmod(fd, new_file_mode())
+        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_torch_save(obj, path: str | os.PathLike) -> None:
+    """``torch.save`` to ``path`` atomically (:func:`atomic_write`)."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write UTF-8 ``text`` to ``path`` atomically (:func:`atomic_write`)."""
+    atomic_write(path, lambda f: f.write(text), binary=False)
 
 
 def adapter_state(adapter) -> dict[str, dict[str, torch.Tensor]]:

@@ -1,10 +1,11 @@
 """Style similarity: SigLIP embedding of the generated masked region vs the reference (SPEC §10).
 
-Both images are padded to a square with zeros after an aspect-preserving resize, like the
-style image Calligrapher feeds SigLIP (SPEC §3). Score = (cos + 1) / 2. Resizing uses
-OpenCV and normalisation one batched tensor op (the per-image processor costs more than the
-tiny-model forward), and identical images within a batch (a group's shared reference) are
-embedded once.
+Both images go through exactly what the model does to its style reference (SPEC §3):
+``train.data.preprocess.style_image`` (aspect-preserving resize into a 512 square, centred on
+black), then the SigLIP image processor's resize (PIL bicubic to the model's input size) and
+normalisation, so the reward judges the style the way the model sees it. Score = (cos + 1) / 2.
+Normalisation is one batched tensor op (the per-image processor costs more than the tiny-model
+forward), and identical images within a batch (a group's shared reference) are embedded once.
 """
 
 from __future__ import annotations
@@ -22,20 +23,14 @@ if TYPE_CHECKING:
     import torch
 
 
-def pad_to_square(image, size: int) -> np.ndarray:
-    """PIL image -> ``size`` x ``size`` x 3 uint8: aspect-preserving resize of the long side to
-    ``size`` (area averaging down, bicubic up), centred on zeros."""
-    import cv2
+def style_pixels(image, size: int) -> np.ndarray:
+    """PIL image -> ``size`` x ``size`` x 3 uint8: the model's style image (``preprocess.style_image``)
+    resized as the SigLIP image processor resizes it (PIL bicubic)."""
+    from PIL import Image
 
-    arr = np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
-    h, w = arr.shape[:2]
-    scale = size / max(w, h)
-    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
-    arr = cv2.resize(arr, (nw, nh), interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC)
-    out = np.zeros((size, size, 3), dtype=np.uint8)
-    y0, x0 = (size - nh) // 2, (size - nw) // 2
-    out[y0:y0 + nh, x0:x0 + nw] = arr
-    return out
+    from train.data.preprocess import style_image
+
+    return np.asarray(style_image(image).resize((size, size), Image.BICUBIC))
 
 
 class StyleScorer(Scorer):
@@ -67,7 +62,7 @@ class StyleScorer(Scorer):
 
     def embed(self, images) -> "torch.Tensor":
         """PIL images -> L2-normalised pooled embeddings ``[N, E]`` (float32, CPU)."""
-        return self._embed_arrays(np.stack([pad_to_square(im, self.size) for im in images]))
+        return self._embed_arrays(np.stack([style_pixels(im, self.size) for im in images]))
 
     def _embed_arrays(self, arrays: np.ndarray) -> "torch.Tensor":
         import torch
@@ -87,7 +82,7 @@ class StyleScorer(Scorer):
         arrays, pairs = [], []
 
         def slot(im) -> int:
-            arr = pad_to_square(im, self.size)
+            arr = style_pixels(im, self.size)
             key = hashlib.blake2b(arr.tobytes(), digest_size=16).digest()
             if key not in unique:
                 unique[key] = len(arrays)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -12,14 +13,20 @@ from PIL import Image
 
 from train.data.dataset import CalligraphyDataset, DatasetError, Record, load_records, main as validate_main
 from train.data.preprocess import (
-    collate_samples, make_reference_strip, mask_bbox, nearest_multiple, pad_to_square, pil_to_tensor,
-    prepare_inputs, tensor_to_pil, to_output_image,
+    collate_samples, make_reference_strip, mask_bbox, nearest_multiple, official_strip_height, pad_to_square,
+    pil_to_tensor, prepare_inputs, tensor_to_pil, to_output_image,
 )
 from train.data.synthesize import MissingFontError, find_fonts, main as synth_main, render_sample, synthesize
 
 
 def noise_image(w: int, h: int, seed: int = 0) -> Image.Image:
     return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8), "RGB")
+
+
+def cv2_strip(ref: Image.Image, width: int, height: int) -> torch.Tensor:
+    """The official strip computed independently: ``cv2.resize`` (default INTER_LINEAR) of the RGB array."""
+    arr = cv2.resize(np.asarray(ref.convert("RGB")), (width, height))
+    return torch.from_numpy(arr.astype(np.float32)).permute(2, 0, 1) / 127.5 - 1.0
 
 
 def box_mask(w: int, h: int, box, value: int = 255) -> Image.Image:
@@ -137,7 +144,7 @@ def test_self_reference_is_the_source_cropped_to_the_mask_box(files):
     assert torch.equal(selfref.image, explicit.image)
     # a 16x8 crop -> 32x16 strip on top of the 32x32 source
     assert selfref.image.shape == (3, 48, 32)
-    assert torch.equal(selfref.image[:, :16], pil_to_tensor(crop.resize((32, 16), Image.BILINEAR)))
+    assert torch.equal(selfref.image[:, :16], cv2_strip(crop, 32, 16))
 
 
 # ---------------------------------------------------------------------- preprocessing
@@ -151,11 +158,37 @@ def test_pad_to_square_by_hand():
 
 def test_strip_heights_by_hand():
     assert nearest_multiple(40) == 32 and nearest_multiple(41) == 48 and nearest_multiple(7) == 0
+    assert nearest_multiple(24) == 16 and nearest_multiple(8) == 0  # ties go down
+    # official: int((64 / 200) * 76) = int(24.32) = 24, a tie -> 16 (rounding 24.32 itself would give 32)
+    assert official_strip_height((200, 76), 64) == 16
+    assert make_reference_strip(Image.new("RGB", (200, 76)), 64).size == (64, 16)
+    assert official_strip_height((200, 78), 64) == 16  # 24.96 truncates to 24 before rounding
+    assert official_strip_height((200, 79), 64) == 32  # 25.28 -> 25 -> 32
+    assert official_strip_height((3, 2), 512) == 336  # int(341.33) = 341 -> 336
     assert make_reference_strip(Image.new("RGB", (40, 20)), 64).size == (64, 32)  # official: 64*20/40 = 32
     assert make_reference_strip(Image.new("RGB", (30, 20)), 64).size == (64, 48)  # 42.7 -> 48
     assert make_reference_strip(Image.new("RGB", (1000, 10)), 64).size == (64, 16)  # too wide: at least 16
     assert make_reference_strip(Image.new("RGB", (10, 1000)), 64, max_height=64).size == (64, 64)  # capped
     assert make_reference_strip(Image.new("RGB", (40, 20)), 64, height=16).size == (64, 16)
+
+
+def test_strip_is_the_official_cv2_linear_resize():
+    """A 300 px reference shrunk to a 32 px strip: cv2 INTER_LINEAR samples without antialiasing,
+    PIL's bilinear averages; the official strip is cv2's, pixel for pixel."""
+    rng = np.random.default_rng(5)
+    ref = Image.fromarray(rng.integers(0, 256, (150, 300, 3), dtype=np.uint8), "RGB")
+    strip = make_reference_strip(ref, 32)
+    assert strip.size == (32, 16)  # int((32 / 300) * 150) = 16
+    assert torch.equal(pil_to_tensor(strip), cv2_strip(ref, 32, 16))
+    pil = np.asarray(ref.resize((32, 16), Image.BILINEAR), dtype=int)
+    assert np.abs(np.asarray(strip, dtype=int) - pil).max() > 40  # the two resamplers really differ here
+    s = prepare_inputs(noise_image(32, 32), box_mask(32, 32, (4, 4, 20, 20)), "x", ref=ref, resolution=32)
+    assert torch.equal(s.image[:, :16], cv2_strip(ref, 32, 16))
+    # a band (fixed height) is filled with the same resampler, aspect preserved
+    band = make_reference_strip(ref, 32, height=32)  # 300x150 fitted into 32x32 -> 32x16, rows 8..23
+    assert np.array_equal(np.asarray(band)[8:24], np.asarray(cv2_strip(ref, 32, 16).add(1).mul(127.5).round()
+                                                             .to(torch.uint8).permute(1, 2, 0)))
+    assert (np.asarray(band)[:8] == 0).all() and (np.asarray(band)[24:] == 0).all()
 
 
 def test_mask_threshold_and_strip_mask():
@@ -174,7 +207,7 @@ def test_strip_and_crop_round_trip_restore_source_geometry():
     mask = box_mask(64, 64, (10, 10, 50, 30))
     s = prepare_inputs(src, mask, "hi", ref=ref, resolution=64, id="a")
     assert s.source_box == (0, 32, 64, 96) and s.source_size == (64, 64)
-    assert torch.equal(s.image[:, :32], pil_to_tensor(ref.resize((64, 32), Image.BILINEAR)))
+    assert torch.equal(s.image[:, :32], cv2_strip(ref, 64, 32))
     assert np.array_equal(np.asarray(to_output_image(s.image, s)), np.asarray(src))
     assert np.array_equal(np.asarray(to_output_image(s.image, (s.source_box, s.source_size))), np.asarray(src))
     off = prepare_inputs(src, mask, "hi", ref=ref, resolution=64, reference_strip=False)
