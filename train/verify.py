@@ -231,30 +231,47 @@ def check_adapter(path: str, ema: bool, tcfg: dict | None, siglip: dict | None, 
 
 
 # ---------------------------------------------------------------------------- data, rewards, disk
-def check_data(path: str, resolution: int | None = None) -> list[Check]:
+def check_data(path: str, resolution: int | None = None, name: str = "training data",
+               flag: str = "--train_data_json") -> list[Check]:
     try:
         from train.data.dataset import DatasetError, load_records
     except ImportError as exc:
-        return [Check("training data", "fail", f"the data package does not import: {exc}", "reinstall the project")]
+        return [Check(name, "fail", f"the data package does not import: {exc}", "reinstall the project")]
     try:
-        records = load_records(path, resolution=resolution)
+        records = load_records(path, resolution=resolution, flag=flag)
     except DatasetError as exc:
-        return [Check("training data", "fail", str(exc), "fix or remove the records named above, then run this again")]
+        return [Check(name, "fail", str(exc), "fix or remove the records named above, then run this again")]
     except OSError as exc:
-        return [Check("training data", "fail", f"{path}: {exc}",
-                      "pass an existing .json/.jsonl file or benchmark folder")]
-    if not records:
-        return [Check("training data", "fail", f"{path}: no records", "add records to the data file")]
+        return [Check(name, "fail", f"{flag} {path}: {exc}", "pass an existing .json/.jsonl file or benchmark folder")]
     with_ref = sum(1 for r in records if getattr(r, "ref", None) is not None)
-    return [Check("training data", "ok", f"{path}: {len(records)} valid records ({with_ref} with a reference image, "
+    at = f" at --resolution {resolution}" if resolution else ""
+    return [Check(name, "ok", f"{path}: {len(records)} valid records{at} ({with_ref} with a reference image, "
                   f"{len(records) - with_ref} self-referenced)")]
 
 
-def check_reward_servers(urls: str, weights: str | None, timeout: float = 5.0, token: str | None = None) -> list[Check]:
+def needed_scorers(*specs: str | None) -> tuple[list[str], list[Check]]:
+    """Scorers with a non-zero weight in any of the ``--reward_weights``-style specs, or a failing row."""
+    from train.rewards.base import parse_reward_weights
+
+    wanted = []
+    for spec in specs:
+        if not spec:
+            continue
+        try:
+            weights = parse_reward_weights(spec)
+        except ValueError as exc:
+            return [], [Check("reward weights", "fail", f"{spec}: {exc}",
+                              "e.g. --reward_weights ocr=0.7,style=0.2,background=0.1")]
+        wanted += [n for n, w in weights.items() if w != 0 and n not in wanted]
+    return wanted, []
+
+
+def check_reward_servers(urls: str, wanted: list[str], timeout: float = 5.0, token: str | None = None,
+                         weights_flag: str = "--reward_weights") -> list[Check]:
+    """Health of every server, and that each serves every scorer in ``wanted``."""
     import httpx
 
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    wanted = [kv.split("=", 1)[0].strip() for kv in weights.split(",") if kv.strip()] if weights else []
     rows = []
     for url in [u.strip().rstrip("/") for u in urls.split(",") if u.strip()]:
         start = ("start it with: python -m train.reward_server --host 127.0.0.1 --port PORT "
@@ -282,21 +299,17 @@ def check_reward_servers(urls: str, weights: str | None, timeout: float = 5.0, t
             if key in health:
                 detail += f", {key} {health[key]}"
         if lacking:
-            rows.append(Check("reward server", "fail", f"{detail}; --reward_weights needs {', '.join(lacking)}",
+            rows.append(Check("reward server", "fail", f"{detail}; {weights_flag} needs {', '.join(lacking)}",
                               "restart the server with --scorers including " + ",".join(lacking)))
         else:
-            rows.append(Check("reward server", "ok", detail))
+            rows.append(Check("reward server", "ok", f"{detail}; serves {', '.join(wanted)} ({weights_flag})"))
     return rows
 
 
-def check_local_scorers(weights: str, siglip_path: str | None) -> list[Check]:
+def check_local_scorers(names: list[str], siglip_path: str | None) -> list[Check]:
     """Without a reward server the scorers run in the trainer: build the cheap ones once to be sure."""
-    from train.rewards.base import build_scorers, parse_reward_weights
+    from train.rewards.base import build_scorers
 
-    try:
-        names = [n for n, w in parse_reward_weights(weights).items() if w != 0]
-    except ValueError as exc:
-        return [Check("reward weights", "fail", str(exc), "e.g. --reward_weights ocr=0.7,style=0.2,background=0.1")]
     rows = []
     if "style" in names and not siglip_path:
         rows.append(Check("reward scorers", "fail", "the style scorer needs SigLIP", "pass --siglip_path"))
@@ -355,30 +368,81 @@ def check_disk(path: str, adapter_params: float | None, min_free_gb: float | Non
                   "free space, choose another --output_dir, or lower --checkpoints_total_limit")]
 
 
+# ---------------------------------------------------------------------------- training flags
+# Flags whose values get their own, more thorough row; training's existence checks on them are not repeated.
+_OWN_ROWS = ("--pretrained_model_name_or_path ", "--siglip_path ", "--train_data_json ", "--rl_eval_data ")
+
+
+class _FlagError(ValueError):
+    """A training flag that argparse rejects (bad type or choice)."""
+
+
+def training_config(argv: list[str]):
+    """``(TrainConfig, flags neither training nor this script knows)`` from the planned run's arguments."""
+    from train.config import TrainConfig, build_parser as training_parser
+
+    parser = training_parser()
+    parser.allow_abbrev = False  # "--ema" (ours) must not be read as training's --ema_decay
+
+    def error(message):
+        raise _FlagError(message)
+
+    parser.error = error  # a row in the table rather than argparse's exit
+    ns, extra = parser.parse_known_args(argv)
+    cfg = TrainConfig(**vars(ns))
+    if cfg.rl_kl_beta is None:
+        cfg.rl_kl_beta = 0.1 if cfg.rl_method == "grpo" else 0.01
+    return cfg, extra
+
+
+def check_training_flags(cfg, given: list[str]) -> list[Check]:
+    """``train.config.validate``: the run's flags as ``python -m train.train`` would judge them at start-up."""
+    from train.config import validate
+
+    try:
+        problems = validate(cfg)
+    except Exception as exc:  # a broken optional import must not hide the other rows
+        return [Check("training flags", "fail", f"validation failed: {type(exc).__name__}: {exc}")]
+    problems = [p for p in problems if not p.endswith(" is required") and not p.startswith(_OWN_ROWS)]
+    if problems:
+        return [Check("training flags", "fail", "\n".join(problems), "python -m train.train would refuse to start: "
+                      "fix these flags")]
+    what = f"{len(given)} given ({', '.join(given)})" if given else "defaults only"
+    return [Check("training flags", "ok", f"training's start-up validation passes: {what}, --resolution {cfg.resolution}")]
+
+
 # ---------------------------------------------------------------------------- driver
+VERIFY_ONLY = ("--ip_adapter_path", "--ema", "--require_gpu", "--min_free_gb", "--reward_server_token", "--timeout")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from train.cli_flags import add_adapter_flags, add_model_flags
+
     p = argparse.ArgumentParser(prog="verify_deployment.py", description=__doc__, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pretrained_model_name_or_path", help="diffusers-layout FLUX.1-Fill folder")
-    p.add_argument("--siglip_path", help="SigLIP vision model folder")
+    add_model_flags(p, required=False)
     p.add_argument("--train_data_json", help=".json/.jsonl record file or benchmark folder to validate")
     p.add_argument("--reward_server_url", help="comma-separated reward server URLs to health-check")
-    p.add_argument("--reward_weights", help="e.g. ocr=0.7,style=0.2,background=0.1: the servers must serve these")
+    p.add_argument("--reward_weights", help="the run's reward weights (default: training's); the servers, or the "
+                                            "in-process scorers, must provide every scorer they weight")
     p.add_argument("--output_dir", help="training output folder: must be writable")
-    p.add_argument("--ip_adapter_path", "--initial_ip_adapter_path", dest="ip_adapter_path",
-                   help="adapter weights (checkpoint-N folder or file, either layout) to check against the model")
-    p.add_argument("--ema", action="store_true", help="check ip-adapter-ema.bin of the checkpoint folder")
-    p.add_argument("--num_tokens", type=int, default=None, help="style tokens (default 128 for the disk estimate)")
+    add_adapter_flags(p, no_adapter=False, aliases=("--initial_ip_adapter_path",))
     p.add_argument("--require_gpu", action="store_true", help="fail instead of warn when no CUDA GPU is visible")
     p.add_argument("--min_free_gb", type=float, default=None, help="free-disk threshold instead of the estimate")
     p.add_argument("--reward_server_token", default=os.environ.get("REWARD_SERVER_TOKEN"),
                    help="shared secret of the reward servers (or env REWARD_SERVER_TOKEN)")
-    p.add_argument("--resolution", type=int, default=None, help="also check that every mask survives this resize")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for each reward server")
+    p.epilog = ("Every other flag of python -m train.train is accepted too and checked with training's own "
+                "start-up validation (e.g. --resolution, --use_rl, --rl_num_images_per_prompt).")
     return p
 
 
-def run_checks(args) -> list[Check]:
+# Rows about the planned run (not the environment): at least one must have been checked.
+RUN_ROWS = ("model folder", "SigLIP", "adapter weights", "training data", "eval data", "reward server",
+            "reward scorers", "output dir")
+
+
+def run_checks(args, cfg) -> list[Check]:
     rows = check_python() + check_packages() + check_torch(args.require_gpu)
     tcfg = siglip = None
     if args.pretrained_model_name_or_path:
@@ -392,18 +456,26 @@ def run_checks(args) -> list[Check]:
     else:
         rows.append(Check("SigLIP", "skip", "not checked: pass --siglip_path"))
     if args.ip_adapter_path:
-        rows += check_adapter(args.ip_adapter_path, args.ema, tcfg, siglip, args.num_tokens)
+        from train.cli_flags import split_ema
+
+        path, ema = split_ema(str(args.ip_adapter_path), args.ema)
+        rows += check_adapter(path, ema, tcfg, siglip, args.num_tokens)
     if args.train_data_json:
-        rows += check_data(args.train_data_json, args.resolution)
+        rows += check_data(args.train_data_json, cfg.resolution)
     else:
         rows.append(Check("training data", "skip", "not checked: pass --train_data_json"))
-    if args.reward_server_url:
-        rows += check_reward_servers(args.reward_server_url, args.reward_weights, args.timeout,
-                                     args.reward_server_token)
-    else:
+    if cfg.rl_eval_data:
+        rows += check_data(cfg.rl_eval_data, cfg.resolution, name="eval data", flag="--rl_eval_data")
+    wanted, weight_rows = needed_scorers(cfg.reward_weights, cfg.rl_eval_reward_weights)
+    rows += weight_rows
+    weights_flag = "--reward_weights" + ("" if args.reward_weights else f" (training's default {cfg.reward_weights})")
+    if args.reward_server_url and not weight_rows:
+        rows += check_reward_servers(args.reward_server_url, wanted, args.timeout, args.reward_server_token,
+                                     weights_flag)
+    elif not args.reward_server_url:
         rows.append(Check("reward server", "skip", "not checked: no --reward_server_url (rewards run in-process)"))
-        if args.reward_weights:
-            rows += check_local_scorers(args.reward_weights, args.siglip_path)
+        if (args.reward_weights or cfg.use_rl) and not weight_rows:
+            rows += check_local_scorers(wanted, args.siglip_path)
     if args.output_dir:
         rows += check_output_dir(args.output_dir)
     else:
@@ -413,6 +485,10 @@ def run_checks(args) -> list[Check]:
         params = adapter_parameters(siglip["hidden_size"], tcfg["joint_attention_dim"], args.num_tokens or 128,
                                     tcfg["style_blocks"], tcfg["num_attention_heads"] * tcfg["attention_head_dim"])
     rows += check_disk(args.output_dir or ".", params, args.min_free_gb)
+    if not any(r.name in RUN_ROWS and r.status != "skip" for r in rows):
+        rows.append(Check("run", "fail", "nothing about the planned run was checked (only Python, packages, torch "
+                          "and disk)", "pass the run's flags, e.g. --pretrained_model_name_or_path FLUX.1-Fill-dev "
+                          "--siglip_path siglip-so400m --train_data_json data.jsonl --output_dir runs/exp"))
     return rows
 
 
@@ -426,18 +502,38 @@ def format_table(rows: list[Check]) -> str:
         if r.fix and r.status in ("fail", "warn"):
             lines.append(f"   {'':<{width}}→ {r.fix}")
     counts = {s: sum(r.status == s for r in rows) for s in SYMBOLS}
+    checked = list(dict.fromkeys(r.name for r in rows if r.status in ("ok", "warn")))
+    skipped = list(dict.fromkeys(r.name for r in rows if r.status == "skip"))
     verdict = "NOT READY" if counts["fail"] else "ready"
     lines.append(f"\n{verdict}: {counts['ok']} passed, {counts['warn']} warnings, {counts['fail']} failed, "
                  f"{counts['skip']} not checked")
+    lines.append(f"checked: {', '.join(checked) or 'nothing'}")
+    if skipped:
+        lines.append(f"not checked: {', '.join(skipped)}")
     return "\n".join(lines)
 
 
 def collect(argv=None) -> list[Check]:
-    """Parse ``argv`` and run every check."""
-    args, extra = build_parser().parse_known_args(argv)
-    rows = run_checks(args)
-    if extra:
-        rows.append(Check("other flags", "skip", "ignored here (training flags): " + " ".join(extra)))
+    """Parse ``argv`` (this script's flags and the planned run's training flags) and run every check."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, _ = build_parser().parse_known_args(argv)
+    try:
+        cfg, unknown_to_training = training_config(argv)
+    except _FlagError as exc:
+        from train.config import TrainConfig
+
+        cfg, unknown_to_training = TrainConfig(), []
+        return run_checks(args, cfg) + [Check("training flags", "fail", str(exc),
+                                              "see python -m train.train --help")]
+    verify_only = set(VERIFY_ONLY)
+    unknown = [a for a in unknown_to_training if a.startswith("--") and a.split("=", 1)[0] not in verify_only]
+    given = [a.split("=", 1)[0] for a in argv if a.startswith("--") and a not in unknown
+             and a.split("=", 1)[0] not in verify_only]
+    rows = run_checks(args, cfg)
+    rows += check_training_flags(cfg, given)
+    if unknown:
+        rows.append(Check("unknown flags", "fail", " ".join(unknown) + ": neither python -m train.train nor this "
+                          "script has them", "check the spelling against python -m train.train --help"))
     return rows
 
 

@@ -68,10 +68,13 @@ def test_passes_on_the_tiny_model_folder(tiny_models, data_file, reward_server, 
         assert all(r.status == "ok" for r in rows[name]), (name, text)
     assert "❌" not in text and "✅ model folder" in text
     assert "2 valid records" in text and "scorers background" in text
-    assert "ignored here (training flags): --learning_rate 1e-4" in text
+    assert rows["training flags"][0].status == "ok" and "--learning_rate" in rows["training flags"][0].detail
     assert not (tmp_path / "out").exists()  # checking does not create it
     # On a machine without CUDA the GPU row is a warning, which does not fail the run.
-    assert rows["torch / GPU"][0].status in ("ok", "warn")
+    import torch
+
+    assert rows["torch / GPU"][0].status == ("ok" if torch.cuda.is_available() else "warn")
+    assert "\nready: " in text and "checked: python, " in text
 
 
 def test_fails_on_a_model_folder_without_vae(tiny_models, tmp_path):
@@ -124,6 +127,39 @@ def test_fails_when_the_server_lacks_a_weighted_scorer(reward_server):
     code, text, _ = _run(["--reward_server_url", reward_server, "--reward_weights", "ocr=0.7,background=0.3"])
     assert code == 1
     assert "--reward_weights needs ocr" in text
+
+
+def test_server_must_serve_trainings_default_weights(reward_server):
+    """Without --reward_weights the run uses training's default (ocr, style, background): a server with
+    only 'background' cannot serve it."""
+    code, text, rows = _run(["--reward_server_url", reward_server])
+    assert code == 1
+    (row,) = rows["reward server"]
+    assert row.status == "fail"
+    assert "needs ocr, style" in row.detail and "training's default ocr=0.7,style=0.2,background=0.1" in row.detail
+    code, _, rows = _run(["--reward_server_url", reward_server, "--reward_weights", "background=1,ocr=0"])
+    assert code == 0 and rows["reward server"][0].status == "ok"  # a zero weight needs no scorer
+
+
+def test_training_flag_rules_are_training_own():
+    code, text, rows = _run(["--resolution", "50", "--output_dir", "/tmp/verify-never-created"])
+    assert code == 1
+    assert rows["training flags"][0].status == "fail"
+    assert "--resolution 50 must be a positive multiple of 16" in rows["training flags"][0].detail
+    code, _, rows = _run(["--use_rl", "--rl_per_prompt_stat_tracking", "--max_train_steps", "2000",
+                          "--output_dir", "/tmp/verify-never-created"])
+    assert code == 1 and "needs --rl_num_images_per_prompt >= 2" in rows["training flags"][0].detail
+    code, _, rows = _run(["--rl_method", "ppo", "--output_dir", "/tmp/verify-never-created"])
+    assert code == 1 and "invalid choice: 'ppo'" in rows["training flags"][0].detail
+    code, _, rows = _run(["--learnig_rate", "1e-4", "--output_dir", "/tmp/verify-never-created"])
+    assert code == 1 and rows["unknown flags"][0].detail.startswith("--learnig_rate")
+
+
+def test_nothing_checked_is_a_failure():
+    code, text, rows = _run([])
+    assert code == 1
+    assert rows["run"][0].status == "fail" and "nothing about the planned run was checked" in text
+    assert "NOT READY" in text and "not checked: model folder, SigLIP, training data, reward server, output dir" in text
 
 
 def test_in_process_reward_weights_are_checked():
