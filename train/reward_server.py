@@ -3,20 +3,28 @@
     python -m train.reward_server --host 127.0.0.1 --port 8000 --scorers ocr,style,background \\
         --siglip_path /models/siglip-so400m-patch14-384 [--token SECRET]
 
-``GET /health`` -> ``{"status": "ok", "scorers": [...], "version": ..., "device": ..., "max_items": ..., "max_pixels": ...}``
-
-``POST /score`` takes ``{"items": [{"id", "image", "text", "mask"?, "reference"?, "source"?}], "weights"?: {...}}``
-(images as base64 PNG; masks white where text goes) and returns
+The wire format is ``train.rewards.schema``. ``GET /health`` -> ``Health`` (scorers, version,
+device, limits). ``POST /score`` takes ``{"items": [{"id", "image", "text", "mask"?, "reference"?,
+"source"?}], "weights"?: {...}}`` (images as base64 PNG; masks white where text goes) and returns
 ``{"results": [{"id", "reward", "scores", "details", "error"}]}`` in request order.
 With ``weights`` only the named scorers run and ``reward`` is their weighted sum; without,
 every loaded scorer runs and ``reward`` is their mean. An item that cannot be scored (corrupt
-image, a scorer error) has ``reward: null`` and an ``error``; other items are unaffected.
-Limits: more than ``max_items`` items, an image above ``max_pixels`` or a body above
-``max_body_mb`` -> 413; malformed JSON or a schema violation -> 422; wrong token -> 401.
+image, a scorer error) has ``reward: null`` and a one-line ``error``; other items are unaffected.
 
-Requests are parsed on the event loop (image sizes read from PNG headers); one worker thread
-decodes and scores, grouping concurrent requests into a single call per scorer. Decoding there
-rather than in a thread pool keeps threads from fighting over the GIL.
+Limits (413 with the reason): more than ``--max_items`` items, an image above ``--max_pixels``,
+images that together decode to more than ``--max_request_pixels`` (read from the PNG headers,
+before anything is decoded), a body above ``--max_body_mb``. Malformed JSON or a schema
+violation -> 422; a missing or wrong token -> 401. Memory: besides the request bodies being
+read, the worker holds at most one batch of ``--max_request_pixels`` decoded pixels (4 bytes
+each at most) plus one full image being cropped; only the images the requested scorers read are
+decoded. Tracebacks go to the server's log, never into a reply.
+
+Requests are parsed on the event loop; one worker thread decodes and scores, grouping
+concurrent requests into a single call per scorer. Decoding there rather than in a thread
+pool keeps threads from fighting over the GIL.
+
+The start event (one JSON line on stdout) is printed once the port is bound and the server
+accepts connections; a port already in use is one line on stderr and exit status 3.
 """
 
 from __future__ import annotations
@@ -28,30 +36,37 @@ import ipaddress
 import json
 import os
 import queue
+import socket
 import sys
 import threading
 import time
 from concurrent.futures import Future
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
-from train.rewards.base import (API_VERSION, SCORER_NAMES, ItemScore, RewardItem, RewardResult, Scorer, combine_item,
+from train.rewards.base import (API_VERSION, CROP_ONLY_SCORERS, SCORER_INPUTS, SCORER_NAMES, ItemScore, RewardItem,
+                                RewardResult, Scorer, combine_item, crop_window, describe_exception,
                                 parse_reward_weights)
 from train.rewards.codec import ImageDecodeError, ImageTooLargeError, decode_png_b64, png_size_b64
+from train.rewards.schema import (DEFAULT_MAX_BODY_MB, DEFAULT_MAX_ITEMS, DEFAULT_MAX_PIXELS,
+                                  DEFAULT_MAX_REQUEST_PIXELS, IMAGE_FIELDS, OPTIONAL_IMAGE_FIELDS, Health, ItemIn,
+                                  ScoreRequest, result_json, short_errors)
 
-IMAGE_FIELDS = ("image", "mask", "reference", "source")
+EXIT_PORT_BUSY = 3
 
 
 @dataclass
 class _Job:
-    raw_items: list[dict]  # JSON items as received
+    items: list  # ItemIn as received; each slot is emptied once decoded
     weights: dict[str, float]
+    fields: tuple[str, ...]  # the images the weighted scorers read: only these are decoded
+    crop: bool  # every weighted scorer reads only the mask window: keep just that part of image and mask
+    pixels: int  # decoded pixels of ``fields``, from the PNG headers
     future: Future
-    items: list | None = None  # RewardItem, or RewardResult for an item that failed to decode
 
 
 class Batcher:
@@ -59,12 +74,15 @@ class Batcher:
 
     After taking a job it also takes every job already queued, and waits up to ``window_s``
     for more only while other requests are still being parsed, so a lone request is never delayed.
+    A merged batch holds at most ``max_batch_items`` items and ``max_batch_pixels`` decoded
+    pixels (a job that would exceed either starts the next batch). Images are decoded one item
+    at a time, and cropped to the mask window right away when only crop-reading scorers run.
     """
 
-    def __init__(self, scorers: dict[str, Scorer], max_batch_items: int = 256, window_s: float = 0.005,
-                 max_pixels: int | None = None):
+    def __init__(self, scorers: dict[str, Scorer], max_batch_items: int = DEFAULT_MAX_ITEMS, window_s: float = 0.005,
+                 max_pixels: int | None = None, max_batch_pixels: int = DEFAULT_MAX_REQUEST_PIXELS):
         self.scorers, self.max_batch_items, self.window_s = scorers, max_batch_items, window_s
-        self.max_pixels = max_pixels
+        self.max_pixels, self.max_batch_pixels = max_pixels, max_batch_pixels
         self._queue: queue.Queue = queue.Queue()
         self._incoming = 0
         self._lock = threading.Lock()
@@ -85,17 +103,17 @@ class Batcher:
         with self._lock:
             self._incoming += delta
 
-    def submit(self, raw_items: list[dict], weights: dict[str, float]) -> Future:
-        fut: Future = Future()
-        self._queue.put(_Job(raw_items, weights, fut))
-        return fut
+    def submit(self, job: _Job) -> Future:
+        self._queue.put(job)
+        return job.future
 
     def _run(self) -> None:
+        carry = None
         while True:
-            job = self._queue.get()
+            job, carry = (carry, None) if carry is not None else (self._queue.get(), None)
             if job is None:
                 return
-            jobs, n = [job], len(job.raw_items)
+            jobs, n, px = [job], len(job.items), job.pixels
             deadline = time.monotonic() + self.window_s
             while n < self.max_batch_items:
                 try:
@@ -111,69 +129,86 @@ class Batcher:
                 if nxt is None:
                     self._queue.put(None)  # stop after this round
                     break
+                if n + len(nxt.items) > self.max_batch_items or px + nxt.pixels > self.max_batch_pixels:
+                    carry = nxt  # starts the next batch
+                    break
                 jobs.append(nxt)
-                n += len(nxt.raw_items)
+                n, px = n + len(nxt.items), px + nxt.pixels
             self._process(jobs)
 
     def _process(self, jobs: list[_Job]) -> None:
         try:
-            for job in jobs:
-                job.items = _decode_items(job.raw_items, self.max_pixels)
+            decoded = [[self._decode(job, i) for i in range(len(job.items))] for job in jobs]
             verdicts: dict[tuple[int, int], dict[str, ItemScore]] = {}
             for name, scorer in self.scorers.items():
                 keys = [(j, i) for j, job in enumerate(jobs) if name in job.weights
-                        for i, it in enumerate(job.items) if isinstance(it, RewardItem)]
+                        for i, it in enumerate(decoded[j]) if isinstance(it, RewardItem)]
                 if not keys:
                     continue
-                for key, v in zip(keys, scorer.score_batch([jobs[j].items[i] for j, i in keys])):
+                for key, v in zip(keys, scorer.score_batch([decoded[j][i] for j, i in keys])):
                     verdicts.setdefault(key, {})[name] = v
             self.batches += 1
             for j, job in enumerate(jobs):
                 job.future.set_result([
                     it if isinstance(it, RewardResult) else combine_item(it.id, verdicts.get((j, i), {}), job.weights)
-                    for i, it in enumerate(job.items)])
+                    for i, it in enumerate(decoded[j])])
         except Exception as exc:  # noqa: BLE001 - a scorer bug fails these requests (HTTP 500), not the server
             for job in jobs:
                 if not job.future.done():
                     job.future.set_exception(exc)
 
-
-def _decode_items(raw_items: list[dict], max_pixels: int | None) -> list:
-    """JSON items -> RewardItem, or RewardResult(error) for an item with an unreadable image."""
-    out = []
-    for raw in raw_items:
+    def _decode(self, job: _Job, i: int):
+        """Item ``i`` of ``job`` -> RewardItem, or RewardResult(error) for an unreadable image."""
+        raw: ItemIn = job.items[i]
+        job.items[i] = None  # the base64 text is no longer needed
         try:
-            images = {f: decode_png_b64(raw[f], max_pixels) if raw.get(f) is not None else None for f in IMAGE_FIELDS}
+            images = {f: decode_png_b64(getattr(raw, f), self.max_pixels, "L" if f == "mask" else "RGB")
+                      if f in job.fields and getattr(raw, f) is not None else None for f in IMAGE_FIELDS}
         except (ImageDecodeError, ImageTooLargeError) as exc:
-            out.append(RewardResult(raw["id"], None, {}, {}, f"bad image: {exc}"))
-            continue
-        out.append(RewardItem(id=raw["id"], text=raw["text"], **images))
-    return out
+            return RewardResult(raw.id, None, {}, {}, f"bad image: {exc}")
+        item = RewardItem(id=raw.id, text=raw.text, **images)
+        if job.crop and item.mask is not None and item.mask.size == item.image.size:
+            try:
+                box = crop_window(item)
+            except ValueError:
+                return item  # an empty mask: the scorers report it
+            item = replace(item, image=item.image.crop(box), mask=item.mask.crop(box))
+        return item
 
 
-def create_app(scorers: dict[str, Scorer], token: str | None = None, max_items: int = 256,
-               max_pixels: int = 4096 * 4096, max_body_mb: float = 256.0, batch_window_ms: float = 5.0,
-               max_batch_items: int | None = None, device: str | None = None):
-    """The FastAPI app; see the module docstring for the protocol."""
+def parse_score_request(body: bytes) -> ScoreRequest:
+    """Body bytes -> ``ScoreRequest``; ``HTTPException(422)`` with a one-line reason for anything malformed
+    (not JSON, not UTF-8, nested too deep, wrong fields)."""
+    try:
+        return ScoreRequest.model_validate_json(body)
+    except ValidationError as exc:
+        errs = exc.errors(include_url=False, include_input=False)
+        if errs and errs[0]["type"] == "json_invalid":
+            raise HTTPException(422, f"malformed JSON: {errs[0]['msg'].removeprefix('Invalid JSON: ')}") from None
+        raise HTTPException(422, f"invalid request: {short_errors(exc)}") from None
 
-    class ItemIn(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-        id: str = Field(min_length=1, max_length=256)
-        image: str
-        text: str = Field(max_length=1000)
-        mask: str | None = None
-        reference: str | None = None
-        source: str | None = None
 
-    class ScoreRequest(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-        items: list[ItemIn]
-        weights: dict[str, float] | None = None
+def _bearer_matches(header: str, token: str) -> bool:
+    """``Authorization: Bearer <token>``; the scheme is case-insensitive, the token must match exactly."""
+    scheme, _, given = header.strip().partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
 
+
+def create_app(scorers: dict[str, Scorer], token: str | None = None, max_items: int = DEFAULT_MAX_ITEMS,
+               max_pixels: int = DEFAULT_MAX_PIXELS, max_body_mb: float = DEFAULT_MAX_BODY_MB,
+               batch_window_ms: float = 5.0, max_batch_items: int | None = None, device: str | None = None,
+               max_request_pixels: int = DEFAULT_MAX_REQUEST_PIXELS):
+    """The FastAPI app; see the module docstring for the protocol.
+
+    With a ``token`` the interactive docs and the OpenAPI schema are not served.
+    """
     if not scorers:
         raise ValueError("the reward server needs at least one scorer")
+    if max_request_pixels < max_pixels:
+        raise ValueError(f"max_request_pixels ({max_request_pixels}) must be >= max_pixels ({max_pixels})")
     device = device or next((s.device for s in scorers.values() if s.device != "cpu"), "cpu")
-    batcher = Batcher(scorers, max_batch_items or max(max_items, 1), batch_window_ms / 1000.0, max_pixels)
+    batcher = Batcher(scorers, max_batch_items or max(max_items, 1), batch_window_ms / 1000.0, max_pixels,
+                      max_request_pixels)
     max_body = int(max_body_mb * 1024 * 1024)
 
     @asynccontextmanager
@@ -182,21 +217,57 @@ def create_app(scorers: dict[str, Scorer], token: str | None = None, max_items: 
         yield
         batcher.stop()
 
-    app = FastAPI(title="Calligrapher reward server", version=API_VERSION, lifespan=lifespan)
+    docs = {} if token is None else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="Calligrapher reward server", version=API_VERSION, lifespan=lifespan, **docs)
     app.state.batcher = batcher
 
     def check_token(request: Request) -> None:
-        if token is None:
-            return
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+        if token is not None and not _bearer_matches(request.headers.get("authorization", ""), token):
             raise HTTPException(401, "missing or wrong token (send 'Authorization: Bearer <token>')")
 
     @app.get("/health")
     def health(request: Request):
         check_token(request)
-        return {"status": "ok", "scorers": list(scorers), "version": API_VERSION, "device": device,
-                "max_items": max_items, "max_pixels": max_pixels}
+        return Health(status="ok", scorers=list(scorers), version=API_VERSION, device=device, max_items=max_items,
+                      max_pixels=max_pixels, max_request_pixels=max_request_pixels,
+                      max_body_bytes=max_body).model_dump()
+
+    def plan(req: ScoreRequest) -> _Job:
+        """Check a parsed request against the limits (413/422) and turn it into a job."""
+        if len(req.items) > max_items:
+            raise HTTPException(413, f"{len(req.items)} items in one request, above the limit of {max_items}")
+        ids = [it.id for it in req.items]
+        if len(set(ids)) != len(ids):
+            raise HTTPException(422, "item ids must be unique within a request")
+        if req.weights is not None:
+            try:
+                weights = parse_reward_weights(req.weights)
+            except ValueError as exc:
+                raise HTTPException(422, f"invalid weights: {exc}") from None
+            unknown = [n for n in weights if n not in scorers]
+            if unknown:
+                raise HTTPException(422, f"weights name scorers this server does not run: {unknown}; "
+                                         f"it runs {list(scorers)}")
+        else:
+            weights = {n: 1.0 / len(scorers) for n in scorers}
+        fields = ("image", *[f for f in OPTIONAL_IMAGE_FIELDS
+                             if any(f in SCORER_INPUTS.get(n, OPTIONAL_IMAGE_FIELDS) for n in weights)])
+        total = 0
+        for it in req.items:
+            for f in fields:
+                data = getattr(it, f)
+                try:
+                    w, h = png_size_b64(data) if data is not None else (0, 0)
+                except ImageDecodeError:
+                    continue  # reported for this item alone when it is decoded
+                if w * h > max_pixels:
+                    raise HTTPException(413, f"item {it.id!r}: {f} is {w}x{h} = {w * h} pixels, "
+                                             f"above the limit of {max_pixels}")
+                total += w * h
+        if total > max_request_pixels:
+            raise HTTPException(413, f"the request's images decode to {total} pixels, above the limit of "
+                                     f"{max_request_pixels} per request; send fewer or smaller images")
+        return _Job(list(req.items), weights, fields, all(n in CROP_ONLY_SCORERS for n in weights), total, Future())
 
     @app.post("/score")
     async def score(request: Request):
@@ -213,47 +284,15 @@ def create_app(scorers: dict[str, Scorer], token: str | None = None, max_items: 
                 raise HTTPException(413, f"request body is above the limit of {max_body} bytes")
         batcher.arriving(+1)
         try:
-            try:
-                req = ScoreRequest.model_validate(json.loads(body))
-            except json.JSONDecodeError as exc:
-                raise HTTPException(422, f"malformed JSON: {exc}") from None
-            except ValidationError as exc:
-                raise HTTPException(422, f"invalid request: {exc.errors(include_url=False, include_input=False)}") from None
-            if len(req.items) > max_items:
-                raise HTTPException(413, f"{len(req.items)} items in one request, above the limit of {max_items}")
-            ids = [it.id for it in req.items]
-            if len(set(ids)) != len(ids):
-                raise HTTPException(422, "item ids must be unique within a request")
-            if req.weights is not None:
-                try:
-                    weights = parse_reward_weights(req.weights)
-                except ValueError as exc:
-                    raise HTTPException(422, f"invalid weights: {exc}") from None
-                unknown = [n for n in weights if n not in scorers]
-                if unknown:
-                    raise HTTPException(422, f"weights name scorers this server does not run: {unknown}; "
-                                             f"it runs {list(scorers)}")
-            else:
-                weights = {n: 1.0 / len(scorers) for n in scorers}
-            for it in req.items:
-                for f in IMAGE_FIELDS:
-                    data = getattr(it, f)
-                    try:
-                        w, h = png_size_b64(data) if data is not None else (0, 0)
-                    except ImageDecodeError:
-                        continue  # reported for this item alone when it is decoded
-                    if w * h > max_pixels:
-                        raise HTTPException(413, f"item {it.id!r}: {f} is {w}x{h} = {w * h} pixels, "
-                                                 f"above the limit of {max_pixels}")
+            job = plan(parse_score_request(body))
         finally:
+            del body
             batcher.arriving(-1)  # before submit, so the batcher never waits for this request itself
-        fut = batcher.submit([it.model_dump() for it in req.items], weights)
         try:
-            results = await asyncio.wrap_future(fut)
+            results = await asyncio.wrap_future(batcher.submit(job))
         except Exception as exc:  # noqa: BLE001
-            raise HTTPException(500, f"scoring failed: {type(exc).__name__}: {exc}") from None
-        return JSONResponse({"results": [{"id": r.id, "reward": r.reward, "scores": r.scores, "details": r.details,
-                                          "error": r.error} for r in results]})
+            raise HTTPException(500, f"scoring failed: {describe_exception(exc)}") from None
+        return JSONResponse({"results": [result_json(r) for r in results]})
 
     return app
 
@@ -267,10 +306,24 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _bind(host: str, port: int) -> socket.socket:
+    """A listening-ready socket on ``host:port``; ``OSError`` if it cannot be bound."""
+    family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default)")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=int, default=8000, help="TCP port (0 = any free port, printed at start)")
     parser.add_argument("--scorers", default="ocr,style,background", help=f"comma-separated, from {SCORER_NAMES}")
     parser.add_argument("--siglip_path", default=None, help="SigLIP folder for the style scorer")
     parser.add_argument("--vlm_url", default=None, help="OpenAI-compatible judge server (vLLM / SGLang)")
@@ -278,16 +331,25 @@ def main(argv=None) -> None:
     parser.add_argument("--vlm_api_key", default=os.environ.get("VLM_API_KEY"), help="or env VLM_API_KEY")
     parser.add_argument("--device", default="cpu", help="torch device for the style scorer")
     parser.add_argument("--token", default=os.environ.get("REWARD_SERVER_TOKEN"),
-                        help="shared secret clients send as 'Authorization: Bearer …' (or env REWARD_SERVER_TOKEN)")
-    parser.add_argument("--max_items", type=int, default=256, help="most items per request (413 above)")
-    parser.add_argument("--max_pixels", type=int, default=4096 * 4096, help="most pixels per image (413 above)")
-    parser.add_argument("--max_body_mb", type=float, default=256.0, help="largest request body (413 above)")
+                        help="shared secret clients send as 'Authorization: Bearer …' (or env REWARD_SERVER_TOKEN); "
+                             "with a token /docs and /openapi.json are off")
+    parser.add_argument("--max_items", type=int, default=DEFAULT_MAX_ITEMS, help="most items per request (413 above)")
+    parser.add_argument("--max_pixels", type=int, default=DEFAULT_MAX_PIXELS, help="most pixels per image (413 above)")
+    parser.add_argument("--max_request_pixels", type=int, default=DEFAULT_MAX_REQUEST_PIXELS,
+                        help="most pixels all decoded images of one request (and of one merged batch) may have "
+                             "(413 above); bounds the worker's memory at about 4 bytes per pixel")
+    parser.add_argument("--max_body_mb", type=float, default=DEFAULT_MAX_BODY_MB, help="largest request body (413 above)")
     parser.add_argument("--batch_window_ms", type=float, default=5.0,
                         help="how long the batcher waits for requests still being parsed")
     parser.add_argument("--torch_threads", type=int, default=None,
                         help="CPU threads for torch scorers (default: torch's choice)")
     parser.add_argument("--log_level", default="warning")
     args = parser.parse_args(argv)
+    for flag in ("max_items", "max_pixels", "max_request_pixels"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if args.max_request_pixels < args.max_pixels:
+        parser.error(f"--max_request_pixels ({args.max_request_pixels}) must be >= --max_pixels ({args.max_pixels})")
     if args.torch_threads:
         import torch
 
@@ -304,12 +366,26 @@ def main(argv=None) -> None:
         print(f"warning: serving on {args.host} without --token; anyone who can reach it can use it",
               file=sys.stderr)
     app = create_app(scorers, token=args.token, max_items=args.max_items, max_pixels=args.max_pixels,
-                     max_body_mb=args.max_body_mb, batch_window_ms=args.batch_window_ms, device=args.device)
+                     max_request_pixels=args.max_request_pixels, max_body_mb=args.max_body_mb,
+                     batch_window_ms=args.batch_window_ms, device=args.device)
+    try:
+        sock = _bind(args.host, args.port)
+    except OSError as exc:
+        print(f"error: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
+        sys.exit(EXIT_PORT_BUSY)
     import uvicorn
 
-    print(json.dumps({"event": "reward_server_start", "host": args.host, "port": args.port,
-                      "scorers": list(scorers)}), flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    port = sock.getsockname()[1]
+
+    class _Server(uvicorn.Server):
+        async def startup(self, sockets=None):
+            await super().startup(sockets)
+            if not self.should_exit:  # listening: now clients can connect
+                print(json.dumps({"event": "reward_server_start", "host": args.host, "port": port,
+                                  "scorers": list(scorers)}), flush=True)
+
+    config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5)
+    _Server(config).run(sockets=[sock])
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from train.data.image_modes import to_rgb
+
 from .base import ItemScore, RewardItem, Scorer, mask_region
 
 
@@ -35,7 +37,7 @@ class BackgroundScorer(Scorer):
             if n == 0:
                 out.append(ItemScore.fail("background: mask covers the whole image; nothing to compare"))
                 continue
-            diff = cv2.absdiff(np.asarray(item.image.convert("RGB")), np.asarray(item.source.convert("RGB")))
+            diff = cv2.absdiff(np.asarray(to_rgb(item.image)), np.asarray(to_rgb(item.source)))
             mae = float(np.mean(cv2.mean(diff, mask=outside.view(np.uint8))[:3])) / 255.0
             out.append(ItemScore.ok(1.0 - mae, mae=round(mae, 6), pixels=n))
         return out

@@ -7,8 +7,9 @@ a number, so the caller's failure policy can decide what to do with it.
 
 from __future__ import annotations
 
+import logging
 import math
-import traceback
+import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -24,6 +25,29 @@ SCORER_INPUTS = {"ocr": ("mask",), "style": ("mask", "reference"), "background":
 # client may send image and mask cropped to that window and get identical scores.
 CROP_ONLY_SCORERS = ("ocr", "style", "contrast")
 CROP_MARGIN = 8
+
+log = logging.getLogger(__name__)
+# An absolute file path (two or more components, not inside a word or URL authority).
+_PATH = re.compile(r"(?<![\w.:/\\])(?:[\\/][\w.+@~-]+){2,}[\\/]?")
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    """``text`` on one line for an error reply: whitespace collapsed, absolute file paths cut to
+    their last component, at most ``limit`` characters."""
+    text = _PATH.sub(lambda m: re.split(r"[\\/]", m.group(0).rstrip("\\/"))[-1], str(text))
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def describe_exception(exc: BaseException) -> str:
+    """``Type: message`` on one line; an empty message is taken from the exception's cause."""
+    msg, cur = "", exc
+    while cur is not None and not msg:
+        msg = str(cur).strip()
+        cur = cur.__cause__ or cur.__context__
+    if "Traceback (most recent call last)" in msg:  # a wrapped traceback: its last line says what failed
+        msg = msg.splitlines()[-1].strip()
+    return one_line(f"{type(exc).__name__}: {msg or 'no message'}")
 
 
 @dataclass
@@ -110,9 +134,9 @@ class Scorer:
                 raise RuntimeError(f"{self.name}: scorer returned {len(res)} results for {len(items)} items")
             return res
         except Exception as exc:  # noqa: BLE001 - retried per item below, then reported per item
-            if len(items) == 1:
-                return [ItemScore.fail(f"{self.name}: {type(exc).__name__}: {exc}",
-                                       traceback=traceback.format_exc(limit=3))]
+            if len(items) == 1:  # the traceback goes to the server's log, never into a reply
+                log.warning("scorer %s failed on item %r", self.name, items[0].id, exc_info=True)
+                return [ItemScore.fail(f"{self.name}: {describe_exception(exc)}")]
         return [self._isolated([it])[0] for it in items]
 
 
@@ -251,6 +275,7 @@ def mask_region(item: RewardItem) -> "tuple[object, tuple[int, int, int, int]]":
     """
     import numpy as np
 
+    from train.data.image_modes import to_luminance
     from train.data.preprocess import MASK_THRESHOLD
 
     w, h = item.image.size
@@ -258,7 +283,7 @@ def mask_region(item: RewardItem) -> "tuple[object, tuple[int, int, int, int]]":
         return np.ones((h, w), dtype=bool), (0, 0, w, h)
     if item.mask.size != item.image.size:
         raise ValueError(f"mask is {item.mask.size[0]}x{item.mask.size[1]} but image is {w}x{h}")
-    mask = item.mask if item.mask.mode == "L" else item.mask.convert("L")
+    mask = to_luminance(item.mask)
     inside = np.asarray(mask) > MASK_THRESHOLD
     rows, cols = np.flatnonzero(inside.any(axis=1)), np.flatnonzero(inside.any(axis=0))
     if len(rows) == 0:

@@ -93,6 +93,8 @@ def _decode_plain_png(raw: bytes, max_pixels: int | None) -> Image.Image | None:
                 raise ImageDecodeError("corrupt PNG: bad IHDR")
             header = struct.unpack(">IIBBBBB", data)
             w, h = header[:2]
+            if w == 0 or h == 0:
+                raise ImageDecodeError(f"corrupt PNG: image is {w}x{h} pixels")
             if max_pixels is not None and w * h > max_pixels:
                 raise ImageTooLargeError(f"image is {w}x{h} = {w * h} pixels, above the limit of {max_pixels}")
         elif kind == b"IDAT":
@@ -115,19 +117,31 @@ def _decode_plain_png(raw: bytes, max_pixels: int | None) -> Image.Image | None:
         raise ImageDecodeError(f"corrupt PNG: {exc}") from None
     if len(rows) != expected or not dec.eof:
         raise ImageDecodeError(f"corrupt PNG: pixel data is {len(rows)} bytes, expected {expected}")
-    arr = np.frombuffer(rows, dtype=np.uint8).reshape(h, w * c + 1)
-    if arr[:, 0].any():
+    if np.frombuffer(rows, dtype=np.uint8).reshape(h, w * c + 1)[:, 0].any():
         return None  # filtered rows: Pillow undoes the filters
-    pixels = arr[:, 1:].reshape(h, w, c)
-    return Image.fromarray(np.ascontiguousarray(pixels[:, :, 0] if c == 1 else pixels), mode)
+    # Rows are [filter byte, pixels...]: read the pixels in place with a row stride of w*c + 1.
+    return Image.frombytes(mode, (w, h), memoryview(rows)[1:], "raw", mode, w * c + 1, 1)
 
 
-def decode_png_b64(data: str, max_pixels: int | None = None) -> Image.Image:
+def decode_png_b64(data: str, max_pixels: int | None = None, mode: str | None = None) -> Image.Image:
     """Base64 PNG string -> fully loaded PIL image.
 
-    Raises ``ImageDecodeError`` for anything that is not a complete PNG and
+    ``mode="RGB"`` / ``"L"`` converts with ``train.data.image_modes`` (16-bit samples scaled,
+    transparency composited on black, as everywhere else in the project); ``None`` keeps the
+    PNG's own mode. Raises ``ImageDecodeError`` for anything that is not a complete PNG and
     ``ImageTooLargeError`` (checked from the header, before decoding) above ``max_pixels``.
     """
+    img = _decode(data, max_pixels)
+    if mode is None:
+        return img
+    from train.data.image_modes import to_luminance, to_rgb
+
+    if mode not in ("RGB", "L"):
+        raise ValueError(f"mode must be None, 'RGB' or 'L', got {mode!r}")
+    return to_rgb(img) if mode == "RGB" else to_luminance(img)
+
+
+def _decode(data: str, max_pixels: int | None) -> Image.Image:
     if not isinstance(data, str) or not data:
         raise ImageDecodeError("image is empty or not a string")
     try:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from train.data.image_modes import to_rgb
+
 from .base import ItemScore, RewardItem, Scorer, mask_region
 
 BT601 = np.array([0.299, 0.587, 0.114], dtype=np.float64)
@@ -35,8 +37,7 @@ class ContrastScorer(Scorer):
             except ValueError as exc:
                 out.append(ItemScore.fail(f"contrast: {exc}"))
                 continue
-            box = item.image.crop((x0, y0, x1, y1))
-            rgb = np.asarray(box if box.mode == "RGB" else box.convert("RGB"))
+            rgb = np.asarray(to_rgb(item.image.crop((x0, y0, x1, y1))))
             std = luminance_std(rgb, inside[y0:y1, x0:x1])
             out.append(ItemScore.ok(2.0 * std, std=std))
         return out

@@ -13,6 +13,8 @@ import unicodedata
 
 import numpy as np
 
+from train.data.image_modes import to_rgb
+
 from .base import CROP_MARGIN, ItemScore, RewardItem, Scorer, mask_region
 
 
@@ -49,6 +51,26 @@ def text_accuracy(recognised: str, target: str) -> float:
     return 1.0 - min(edit_distance(r, t), len(t)) / len(t)
 
 
+# The detector scales the long side to 960 and rounds sides to multiples of 32: beyond this
+# aspect ratio the short side rounds to 0 (rapidocr raises ResizeImgError).
+MAX_DET_ASPECT = 40
+# Recognition scales crops to 48 px high and pads a batch to its widest crop: a 20000x1 crop
+# would become 960000 px wide (tens of GB). Wider crops are padded to this width:height.
+MAX_REC_ASPECT = 64
+
+
+def _bounded_aspect(crop: np.ndarray) -> np.ndarray:
+    """``crop`` padded above and below with its median colour to at most ``MAX_REC_ASPECT``:1."""
+    h, w = crop.shape[:2]
+    if w <= MAX_REC_ASPECT * h:
+        return crop
+    import cv2
+
+    extra = -(-w // MAX_REC_ASPECT) - h
+    colour = [float(c) for c in np.median(crop.reshape(-1, crop.shape[2]), axis=0)]
+    return cv2.copyMakeBorder(crop, extra // 2, extra - extra // 2, 0, 0, cv2.BORDER_CONSTANT, value=colour)
+
+
 class OCRScorer(Scorer):
     """Score = ``text_accuracy(recognised text in the mask box, item.text)``.
 
@@ -83,19 +105,22 @@ class OCRScorer(Scorer):
         _, (x0, y0, x1, y1) = mask_region(item)
         w, h = item.image.size
         box = (max(0, x0 - self.pad), max(0, y0 - self.pad), min(w, x1 + self.pad), min(h, y1 + self.pad))
-        return np.ascontiguousarray(np.asarray(item.image.convert("RGB").crop(box))[:, :, ::-1])  # BGR
+        return np.ascontiguousarray(np.asarray(to_rgb(item.image.crop(box)))[:, :, ::-1])  # BGR
 
     def _recognise(self, crops: list[np.ndarray]) -> list[tuple[str, float]]:
         from rapidocr.ch_ppocr_rec import TextRecInput
 
-        out = self._rec_engine._load_rec_model()(TextRecInput(img=crops))
+        out = self._rec_engine._load_rec_model()(TextRecInput(img=[_bounded_aspect(c) for c in crops]))
         return [(str(t), float(s)) for t, s in zip(out.txts, out.scores)]
 
     def _detect_and_recognise(self, crop: np.ndarray) -> tuple[str, float]:
         import cv2
 
-        m = max(8, crop.shape[0] // 4)  # detection needs a margin around the text
+        m = max(8, min(crop.shape[:2]) // 4)  # detection needs a margin around the text
         padded = cv2.copyMakeBorder(crop, m, m, m, m, cv2.BORDER_REPLICATE)
+        h, w = padded.shape[:2]
+        if max(h, w) > MAX_DET_ASPECT * min(h, w):
+            return "", 0.0  # the detector would shrink the short side to nothing: recognition alone decides
         out = self._det_engine(padded)
         if out.txts is None or len(out.txts) == 0:
             return "", 0.0

@@ -13,6 +13,8 @@ import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from train.data.image_modes import to_rgb
+
 from .base import ItemScore, RewardItem, Scorer, mask_region
 from .codec import encode_png_b64
 
@@ -102,7 +104,7 @@ def chat_completions_url(url: str) -> str:
 
 
 def _data_url(image, max_side: int) -> str:
-    image = image.convert("RGB")
+    image = to_rgb(image)
     if max(image.size) > max_side:
         image = image.copy()
         image.thumbnail((max_side, max_side))

@@ -19,9 +19,11 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
+from pydantic import ValidationError
+
 from train.rewards.base import (CROP_ONLY_SCORERS, SCORER_INPUTS, RewardItem, RewardResult, Scorer,
                                 build_scorers, crop_window, parse_reward_weights, score_items)
-from train.rewards.codec import encode_png_b64
+from train.rewards.schema import OPTIONAL_IMAGE_FIELDS, ItemResult, item_json, short_errors
 
 __all__ = ["RewardError", "RewardFunction", "LocalReward", "RemoteReward", "build_reward_fn",
            "apply_failure_policy", "reward_stats", "RewardItem", "RewardResult"]
@@ -128,8 +130,7 @@ class RemoteReward(RewardFunction):
         self.chunk_size, self.timeout, self.retries, self.backoff = chunk_size, timeout, retries, backoff
         self.health_wait = health_wait
         # PNG encoding dominates the client's cost: send only the images the weighted scorers read.
-        self._fields = [f for f in ("mask", "reference", "source")
-                        if any(f in SCORER_INPUTS[name] for name in self.weights)]
+        self._fields = [f for f in OPTIONAL_IMAGE_FIELDS if any(f in SCORER_INPUTS[name] for name in self.weights)]
         # ... and only the part of the image they read, when no scorer needs the whole picture.
         self._crop = all(n in CROP_ONLY_SCORERS for n in self.weights)
         token = token if token is not None else os.environ.get("REWARD_SERVER_TOKEN")
@@ -208,11 +209,7 @@ class RemoteReward(RewardFunction):
                     it = RewardItem(it.id, it.image.crop(box), it.text, it.mask.crop(box), it.reference, it.source)
                 except ValueError:
                     pass  # an empty mask: send it whole and let the server report the error
-            d = {"id": it.id, "text": it.text, "image": encode_png_b64(it.image)}
-            for f in self._fields:
-                if getattr(it, f) is not None:
-                    d[f] = encode_png_b64(getattr(it, f))
-            items.append(d)
+            items.append(item_json(it, self._fields))
         return {"items": items, "weights": self.weights}
 
     def _score_chunk(self, chunk: list[RewardItem]) -> list[RewardResult]:
@@ -255,20 +252,22 @@ class RemoteReward(RewardFunction):
             raise _Retryable(f"malformed reply ({type(exc).__name__}): {resp.text[:120]!r}") from None
         if len(raw) != len(chunk) or set(by_id) != {it.id for it in chunk}:
             raise _Retryable(f"reply ids do not match the request ({len(raw)} results for {len(chunk)} items)")
-        return [self._result(by_id[it.id]) for it in chunk]
+        return [self._result(it.id, by_id[it.id]) for it in chunk]  # matched by id, whatever the reply's order
 
-    def _result(self, r: dict) -> RewardResult:
-        scores = {k: float(v) for k, v in (r.get("scores") or {}).items() if isinstance(v, (int, float))}
-        details = r.get("details") or {}
-        if r.get("error"):
-            return RewardResult(r["id"], None, scores, details, str(r["error"]))
-        missing = [n for n, w in self.weights.items() if w != 0 and n not in scores]
-        bad = [n for n, v in scores.items() if not (math.isfinite(v) and 0.0 <= v <= 1.0)]
-        if missing or bad:
-            return RewardResult(r["id"], None, scores, details,
-                                f"server reply lacks valid score(s) for {missing + bad}")
-        return RewardResult(r["id"], sum(w * scores[n] for n, w in self.weights.items() if w != 0),
-                            scores, details, None)
+    def _result(self, item_id: str, r: dict) -> RewardResult:
+        """One reply item -> RewardResult. Scores must be real numbers in [0, 1] (``schema.Score``);
+        the reward is recomputed here from the weighted scores."""
+        try:
+            res = ItemResult.model_validate(r)
+        except ValidationError as exc:
+            return RewardResult(item_id, None, {}, {}, f"invalid reply from the reward server: {short_errors(exc)}")
+        if res.error:
+            return RewardResult(item_id, None, res.scores, res.details, res.error)
+        missing = [n for n, w in self.weights.items() if w != 0 and n not in res.scores]
+        if missing:
+            return RewardResult(item_id, None, res.scores, res.details, f"server reply lacks score(s) for {missing}")
+        return RewardResult(item_id, sum(w * res.scores[n] for n, w in self.weights.items() if w != 0),
+                            res.scores, res.details, None)
 
     def close(self) -> None:
         super().close()

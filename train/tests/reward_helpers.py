@@ -104,11 +104,12 @@ class FaultInjector:
     """ASGI wrapper around the real app: ``POST /score`` calls follow ``plan`` in order, then pass.
 
     Actions: ``"ok"`` (pass through), ``"500"``, ``"garbage"`` (200 with a body that is not JSON),
-    ``"sleep:S"`` (hold the request S seconds, then pass through).
+    ``"sleep:S"`` (hold the request S seconds, then pass through), ``"reverse"`` (the real reply
+    with its results in reverse order), ``"rewrite"`` (the real reply passed through ``rewrite(body)``).
     """
 
-    def __init__(self, app, plan: list[str]):
-        self.app, self.plan, self.seen = app, list(plan), []
+    def __init__(self, app, plan: list[str], rewrite=None):
+        self.app, self.plan, self.seen, self.rewrite = app, list(plan), [], rewrite
         self._lock = threading.Lock()
 
     async def __call__(self, scope, receive, send):
@@ -125,29 +126,63 @@ class FaultInjector:
             return
         if action.startswith("sleep:"):
             await asyncio.sleep(float(action.split(":", 1)[1]))
+        if action in ("reverse", "rewrite"):
+            await self.app(scope, receive, self._edited(send, action))
+            return
         await self.app(scope, receive, send)
 
+    def _edited(self, send, action: str):
+        start, chunks = {}, []
 
-def spawn_server(*args: str, port: int | None = None, wait: float = 30.0):
-    """``python -m train.reward_server`` as a subprocess; returns ``(proc, url)`` once healthy."""
-    import httpx
+        async def capture(message):
+            if message["type"] == "http.response.start":
+                start.update(message)
+                return
+            chunks.append(message.get("body", b""))
+            if message.get("more_body"):
+                return
+            body = json.loads(b"".join(chunks))
+            if action == "reverse":
+                body["results"] = body["results"][::-1]
+            else:
+                body = self.rewrite(body)
+            data = json.dumps(body).encode()  # NaN stays NaN (allow_nan), as a careless server would send it
+            headers = [(k, v) for k, v in start["headers"] if k.lower() != b"content-length"]
+            await send({**start, "headers": headers + [(b"content-length", str(len(data)).encode())]})
+            await send({"type": "http.response.body", "body": data})
 
-    port = port or free_port()
+        return capture
+
+
+def spawn_server(*args: str, wait: float = 60.0):
+    """``python -m train.reward_server --port 0`` as a subprocess; returns ``(proc, url)`` once its
+    start event (printed when the port accepts connections) is read. stderr goes to ``proc.log``."""
+    import select
+    import tempfile
+
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
-    proc = subprocess.Popen([sys.executable, "-m", "train.reward_server", "--port", str(port), *args],
-                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + wait
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"reward server exited: {proc.stderr.read().decode()[-2000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1.0).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("reward server subprocess did not become healthy")
+    log = tempfile.TemporaryFile()
+    proc = subprocess.Popen([sys.executable, "-m", "train.reward_server", "--port", "0", *args],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=log)
+    proc.log = log
+    ready, _, _ = select.select([proc.stdout], [], [], wait)
+    line = proc.stdout.readline() if ready else b""
+    if not line:
+        proc.kill()
+        proc.wait(timeout=10)
+        log.seek(0)
+        raise RuntimeError(f"reward server did not start: {log.read().decode()[-2000:]}")
+    event = json.loads(line)
+    assert event["event"] == "reward_server_start", event
+    return proc, f"http://127.0.0.1:{event['port']}"
+
+
+def peak_rss_mb(pid: int) -> float:
+    """Peak resident memory (VmHWM) of a live process, in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmHWM for process {pid}")
 
 
 class ChatJudgeStub:

@@ -1,28 +1,30 @@
-"""The reward server over real HTTP on a loopback port: protocol, limits, auth, batching."""
+"""The reward server over real HTTP on a loopback port: protocol, limits, auth, batching,
+malformed bodies, memory bounds and start-up."""
 
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
+import sys
 import threading
+import time
 from dataclasses import replace
 
 import httpx
+import numpy as np
 import pytest
+from PIL import Image
 
 from train.reward_server import create_app
-from train.rewards import BackgroundScorer, OCRScorer, encode_png_b64
-from train.tests.reward_helpers import ServerThread, render_scene
+from train.rewards import BackgroundScorer, OCRScorer, Scorer
+from train.rewards.codec import encode_png_b64
+from train.rewards.schema import item_json
+from train.tests.reward_helpers import REPO, ServerThread, peak_rss_mb, render_scene, spawn_server
 
 
 def payload(items, weights=None) -> dict:
-    out = []
-    for it in items:
-        d = {"id": it.id, "text": it.text, "image": encode_png_b64(it.image)}
-        for f in ("mask", "reference", "source"):
-            if getattr(it, f) is not None:
-                d[f] = encode_png_b64(getattr(it, f))
-        out.append(d)
-    return {"items": out, **({"weights": weights} if weights is not None else {})}
+    return {"items": [item_json(it) for it in items], **({"weights": weights} if weights is not None else {})}
 
 
 @pytest.fixture(scope="module")
@@ -34,13 +36,18 @@ def server():
 
 
 AUTH = {"Authorization": "Bearer s3cret"}
+# Peak memory a reward server may gain at the default limits (--max_request_pixels 67 M): one
+# merged batch of decoded images (at most 4 bytes per pixel: 256 MiB) plus the copies a scorer
+# makes of one 4096² image, plus request bodies. Without the limits, 256 items of 4096² images decode to 48 GiB.
+MEMORY_BOUND_MB = 700
 
 
 def test_health(server):
     srv, _ = server
     body = httpx.get(f"{srv.url}/health", headers=AUTH).json()
     assert body["status"] == "ok" and body["scorers"] == ["ocr", "background"]
-    assert body["version"] and body["device"] == "cpu" and body["max_items"] == 8
+    assert body["version"] == "1" and body["device"] == "cpu" and body["max_items"] == 8
+    assert body["max_pixels"] == 300 * 300 and body["max_request_pixels"] == 4 * 4096 * 4096
 
 
 def test_score_with_a_corrupt_image_in_one_item(server):
@@ -73,9 +80,12 @@ def test_limits_and_bad_requests(server):
     srv, _ = server
     url = f"{srv.url}/score"
     small = render_scene("a", size=(64, 64), box=(8, 8, 56, 56))
+    exactly = payload([replace(small, id=str(i)) for i in range(8)], weights={"background": 1.0})
+    r = httpx.post(url, json=exactly, headers=AUTH, timeout=30)
+    assert r.status_code == 200 and [x["reward"] for x in r.json()["results"]] == [1.0] * 8
     many = payload([replace(small, id=str(i)) for i in range(9)])
     r = httpx.post(url, json=many, headers=AUTH)
-    assert r.status_code == 413 and "above the limit of 8" in r.json()["detail"]
+    assert r.status_code == 413 and r.json()["detail"] == "9 items in one request, above the limit of 8"
     big = payload([render_scene("a", size=(400, 300), box=(8, 8, 56, 56))])
     r = httpx.post(url, json=big, headers=AUTH)
     assert r.status_code == 413 and "pixels" in r.json()["detail"]
@@ -95,10 +105,83 @@ def test_limits_and_bad_requests(server):
 
 def test_token(server):
     srv, _ = server
-    for headers in ({}, {"Authorization": "Bearer nope"}):
-        assert httpx.get(f"{srv.url}/health", headers=headers).status_code == 401
+    wrong = ["", "Bearer nope", "Bearer s3cret2", "Bearer xs3cret", "Bearer s3cre", "Bearer s3cret s3cret",
+             "Basic s3cret", "s3cret", "Bearers3cret", "Bearer"]
+    for value in wrong:
+        headers = {"Authorization": value} if value else {}
+        assert httpx.get(f"{srv.url}/health", headers=headers).status_code == 401, value
         r = httpx.post(f"{srv.url}/score", json={"items": []}, headers=headers)
-        assert r.status_code == 401 and "token" in r.json()["detail"]
+        assert r.status_code == 401 and "token" in r.json()["detail"], value
+    for value in ("Bearer s3cret", "bearer s3cret", "BEARER  s3cret"):  # the scheme is case-insensitive
+        assert httpx.get(f"{srv.url}/health", headers={"Authorization": value}).status_code == 200, value
+
+
+def test_docs_are_not_served_when_a_token_is_set(server):
+    srv, _ = server
+    for path in ("/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect"):
+        for headers in ({}, AUTH):
+            assert httpx.get(f"{srv.url}{path}", headers=headers).status_code == 404, path
+    with ServerThread(create_app({"background": BackgroundScorer()})) as open_srv:  # no token: docs are public
+        assert httpx.get(f"{open_srv.url}/openapi.json").json()["info"]["title"] == "Calligrapher reward server"
+
+
+def test_body_limit_declared_and_chunked():
+    with ServerThread(create_app({"background": BackgroundScorer()}, max_body_mb=0.01)) as srv:  # 10485 bytes
+        # A declared Content-Length above the limit is refused before the body is read: the
+        # server answers although the client sent only the headers.
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as sock:
+            sock.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 1000000000\r\n\r\n{")
+            reply = b""
+            while b"\r\n\r\n" not in reply or len(reply.split(b"\r\n\r\n", 1)[1]) < 71:
+                part = sock.recv(4096)
+                if not part:
+                    break
+                reply += part
+            reply = reply.decode()
+        assert reply.startswith("HTTP/1.1 413") and "1000000000 bytes, above the limit of 10485" in reply
+        # Chunked transfer (no Content-Length): counted while streaming.
+        noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+        big = json.dumps(payload([replace(render_scene("a", size=(64, 64), box=(8, 8, 56, 56)), image=noise)])).encode()
+        assert 10485 < len(big) < 100000
+
+        def chunks(data):
+            for i in range(0, len(data), 1000):
+                yield data[i:i + 1000]
+
+        r = httpx.post(f"{srv.url}/score", content=chunks(big), headers={"content-type": "application/json"})
+        assert "content-length" not in r.request.headers and r.request.headers["transfer-encoding"] == "chunked"
+        assert r.status_code == 413 and r.json()["detail"] == "request body is above the limit of 10485 bytes"
+        small = json.dumps(payload([render_scene("", size=(8, 8), box=(2, 2, 6, 6))])).encode()
+        r = httpx.post(f"{srv.url}/score", content=chunks(small), headers={"content-type": "application/json"})
+        assert r.status_code == 200 and r.json()["results"][0]["reward"] == 1.0
+
+
+def test_malformed_bodies_are_422_and_keep_the_connection(server):
+    srv, _ = server
+    cases = [  # (body, start of the reason)
+        (b'{"items": [], "weights": {"\xff\xfe": 1}}', "malformed JSON: invalid unicode code point"),  # not UTF-8
+        (b"\xe9t\xe9", "malformed JSON: expected value at line 1 column 1"),
+        (b"[" * 50000 + b"]" * 50000, "malformed JSON: recursion limit exceeded"),
+        (b'{"items": ' + b"[" * 50000, "malformed JSON: recursion limit exceeded"),
+        (b'{"items": [{"id": "\\ud800", "image": "", "text": "t"}]}', "malformed JSON:"),  # lone surrogate
+        (b"", "malformed JSON: EOF"),
+        (b"[]", "invalid request: body: Input should be an object"),
+        (b'{"items": [], "weights": {"background": true}}', "invalid request: weights.background: Input should be a valid number"),
+        (b'{"items": [], "weights": {"background": NaN}}', "invalid request: weights.background: Input should be a finite number"),
+        (b'{"items": {"id": "a"}}', "invalid request: items: Input should be a valid array"),
+        (b'{"items": [], "extra": 1}', "invalid request: extra: Extra inputs are not permitted"),
+    ]
+    with httpx.Client(headers={**AUTH, "content-type": "application/json"}) as http:
+        addr = None
+        for body, reason in cases:
+            r = http.post(f"{srv.url}/score", content=body)
+            assert r.status_code == 422, (body[:40], r.status_code, r.text[:300])
+            detail = r.json()["detail"]
+            assert detail.startswith(reason) and "\n" not in detail and len(detail) < 300, (body[:40], detail)
+            here = r.extensions["network_stream"].get_extra_info("client_addr")
+            assert addr in (None, here), f"{body[:40]!r}: the server closed the keep-alive connection"
+            addr = here
 
 
 def test_concurrent_requests_share_scorer_calls(server):
@@ -121,12 +204,122 @@ def test_concurrent_requests_share_scorer_calls(server):
     assert batcher.batches - before < len(bodies)  # several requests were scored in one call
 
 
-def test_cli_rejects_missing_siglip(capsys):
+class PathError(Scorer):
+    """Fails like third-party engines do: an empty message wrapping one that names a file."""
+
+    name = "patherror"
+
+    def _score_batch(self, items):
+        try:
+            raise FileNotFoundError(2, "No such file or directory", "/opt/models/ocr/rec.onnx")
+        except FileNotFoundError as exc:
+            raise RuntimeError() from exc
+
+
+class BrokenBatch(Scorer):
+    """A scorer whose batch call itself is broken (not per item): the request fails with HTTP 500."""
+
+    name = "broken"
+
+    def score_batch(self, items):
+        raise ValueError("model at /srv/secret/weights/model.bin\nfailed to load")
+
+
+def test_errors_are_one_line_without_tracebacks_or_paths():
+    item = render_scene("", size=(32, 32), box=(4, 4, 28, 28))
+    with ServerThread(create_app({"patherror": PathError(), "background": BackgroundScorer()})) as srv:
+        res = httpx.post(f"{srv.url}/score", json=payload([item]), timeout=30).json()["results"][0]
+    assert res["reward"] is None and res["scores"] == {"background": 1.0}
+    assert res["error"] == "patherror: RuntimeError: [Errno 2] No such file or directory: 'rec.onnx'"
+    assert res["details"] == {"background": {"mae": 0.0, "pixels": 448}}  # no traceback anywhere
+    with ServerThread(create_app({"broken": BrokenBatch()})) as srv:
+        r = httpx.post(f"{srv.url}/score", json=payload([item]), timeout=30)
+    assert r.status_code == 500
+    assert r.json() == {"detail": "scoring failed: ValueError: model at model.bin failed to load"}
+
+
+def test_memory_stays_bounded_with_many_4096px_images():
+    """256 items of 4096² images: 413 from the PNG headers; requests within the pixel budget are
+    scored, concurrently, with the server's peak memory below the documented bound."""
+    side = 4096
+    image = Image.new("RGB", (side, side), (40, 80, 120))
+    image.paste((0, 0, 0), (1000, 1000, 1200, 1200))
+    image.paste((255, 255, 255), (1200, 1000, 1400, 1200))  # inside the mask: half black, half white
+    mask = Image.new("L", (side, side), 0)
+    mask.paste(255, (1000, 1000, 1400, 1200))
+    png, mask_png = encode_png_b64(image, compress_level=9), encode_png_b64(mask, compress_level=9)
+
+    def body(n, weights, source=False) -> bytes:
+        items = [{"id": str(i), "text": "t", "image": png, "mask": mask_png, **({"source": png} if source else {})}
+                 for i in range(n)]
+        return json.dumps({"items": items, "weights": weights}).encode()
+
+    proc, url = spawn_server("--scorers", "contrast,background")
+    try:
+        small = {"items": [item_json(render_scene("", size=(32, 32), box=(4, 4, 28, 28)))], "weights": None}
+        assert httpx.post(f"{url}/score", json=small, timeout=60).status_code == 200  # imports done
+        baseline = peak_rss_mb(proc.pid)
+        bound = baseline + MEMORY_BOUND_MB
+        stop = threading.Event()
+
+        def watchdog():  # kill the server before it can take the machine's memory
+            while not stop.wait(0.01):
+                if peak_rss_mb(proc.pid) > bound:
+                    proc.kill()
+                    return
+
+        guard = threading.Thread(target=watchdog, daemon=True)
+        guard.start()
+        with httpx.Client(timeout=120, headers={"content-type": "application/json"}) as http:
+            r = http.post(f"{url}/score", content=body(256, {"contrast": 1.0}))
+            assert r.status_code == 413, r.text[:300]
+            assert r.json()["detail"] == ("the request's images decode to 8589934592 pixels, above the limit of "
+                                          "67108864 per request; send fewer or smaller images")
+            r = http.post(f"{url}/score", content=body(256, {"background": 1.0}, source=True))
+            assert r.status_code == 413 and "above the limit of 67108864" in r.json()["detail"]
+            out = {}
+
+            def send(k, data):
+                out[k] = http.post(f"{url}/score", content=data)
+
+            # two full decodes (image, mask, source: 50 M pixels each) and a crop-only request
+            # (2 items x 2 images: 67 M pixels) at once: the batcher must not merge them past the budget
+            full, crop = body(1, {"background": 0.5, "contrast": 0.5}, source=True), body(2, {"contrast": 1.0})
+            threads = [threading.Thread(target=send, args=job) for job in [(0, full), (1, full), (2, crop)]]
+            [t.start() for t in threads]
+            [t.join(timeout=120) for t in threads]
+        stop.set()
+        peak = peak_rss_mb(proc.pid) if proc.poll() is None else float("inf")
+        assert peak <= bound, f"peak RSS {peak:.0f} MiB, above {bound:.0f} MiB (baseline {baseline:.0f} MiB)"
+        results = [res for k in range(3) for res in out[k].json()["results"]]
+        assert len(results) == 4 and all(res["error"] is None and res["reward"] == 1.0 for res in results), results
+        assert [res["scores"] for res in results] == [{"background": 1.0, "contrast": 1.0}] * 2 + [{"contrast": 1.0}] * 2
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def test_cli_rejects_bad_flags(capsys):
     from train.reward_server import main
 
-    with pytest.raises(SystemExit) as exc:
-        main(["--scorers", "style"])
-    assert exc.value.code == 2 and "siglip_path" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["--scorers", "ocr,clip"])
-    assert json.dumps  # JSON only: the server never unpickles anything
+    for argv, reason in [(["--scorers", "style"], "siglip_path"), (["--scorers", "ocr,clip"], "unknown scorer(s) clip"),
+                         (["--scorers", "background", "--max_pixels", "100", "--max_request_pixels", "99"],
+                          "--max_request_pixels (99) must be >= --max_pixels (100)")]:
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2 and reason in capsys.readouterr().err
+
+
+def test_start_event_once_listening_and_busy_port_exits_3():
+    proc, url = spawn_server("--scorers", "contrast")  # returns as soon as the start event is read
+    try:
+        assert httpx.get(f"{url}/health", timeout=10).json()["scorers"] == ["contrast"]  # no retry needed
+        port = int(url.rsplit(":", 1)[1])
+        busy = subprocess.run([sys.executable, "-m", "train.reward_server", "--scorers", "contrast", "--port",
+                               str(port)], cwd=REPO, capture_output=True, timeout=120)
+        assert busy.returncode == 3 and busy.stdout == b""
+        assert busy.stderr.decode().strip().splitlines()[-1] == (
+            f"error: cannot listen on 127.0.0.1:{port}: Address already in use")
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
