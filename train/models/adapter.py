@@ -106,22 +106,28 @@ class StyleAttention(nn.Module):
         self.to_v_ip = nn.Linear(token_dim, inner_dim, bias=False)
         self.norm_k_ip = nn.RMSNorm(head_dim, eps=1e-5, elementwise_affine=False)
 
-    def style_attention(self, query: torch.Tensor, image_emb: torch.Tensor) -> torch.Tensor:
-        """query ``[B, S, H, Dh]``, image_emb ``[B, N, D]`` -> ``[B, S, H*Dh]``."""
+    def style_attention(self, query: torch.Tensor, image_emb: torch.Tensor, backend=None) -> torch.Tensor:
+        """query ``[B, S, H, Dh]``, image_emb ``[B, N, D]`` -> ``[B, S, H*Dh]``.
+
+        Never context-parallel: every rank holds all style tokens, so attending with its own
+        query shard is already exact.
+        """
         image_emb = image_emb.to(self.to_k_ip.weight.dtype)
         key = self.norm_k_ip(self.to_k_ip(image_emb).unflatten(-1, (-1, self.head_dim)))
         value = self.to_v_ip(image_emb).unflatten(-1, (-1, self.head_dim))
-        out = dispatch_attention_fn(query, key.to(query.dtype), value.to(query.dtype))
+        out = dispatch_attention_fn(query, key.to(query.dtype), value.to(query.dtype), backend=backend)
         return out.flatten(2, 3).to(query.dtype)
 
     def attend(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
-               image_rotary_emb=None, image_emb=None):
+               image_rotary_emb=None, image_emb=None, backend=None, parallel_config=None):
+        """The block's attention with style; ``backend`` / ``parallel_config`` as diffusers' processors
+        pass them to ``dispatch_attention_fn`` (set by ``transformer.set_attention_backend``)."""
         query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
         query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
         key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
         value = value.unflatten(-1, (-1, attn.head_dim))
         # Double blocks: image queries only. Single blocks: the whole text+image sequence.
-        style = self.style_attention(query, image_emb) if image_emb is not None else None
+        style = self.style_attention(query, image_emb, backend) if image_emb is not None else None
 
         if encoder_hidden_states is not None:
             enc_q = attn.norm_added_q(attn.add_q_proj(encoder_hidden_states).unflatten(-1, (-1, attn.head_dim)))
@@ -135,7 +141,8 @@ class StyleAttention(nn.Module):
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
 
-        hidden_states = dispatch_attention_fn(query, key, value, attn_mask=attention_mask)
+        hidden_states = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, backend=backend,
+                                              parallel_config=parallel_config)
         hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
 
         if encoder_hidden_states is not None:
@@ -157,8 +164,13 @@ class InstalledStyleProcessor:
     """What sits in ``attn.processor``: a plain callable, so the transformer does not own the weights.
 
     The explicit signature matters: diffusers filters ``joint_attention_kwargs`` by it, which
-    is how ``image_emb`` reaches both double and single blocks.
+    is how ``image_emb`` reaches both double and single blocks. ``_attention_backend`` and
+    ``_parallel_config`` are the attributes ``set_attention_backend`` / context parallelism set on
+    diffusers' own processors; they are passed on to every attention call.
     """
+
+    _attention_backend = None
+    _parallel_config = None
 
     def __init__(self, module: StyleAttention):
         self.module = module
@@ -166,7 +178,8 @@ class InstalledStyleProcessor:
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  image_rotary_emb=None, image_emb=None):
         return self.module.attend(attn, hidden_states, encoder_hidden_states, attention_mask,
-                                  image_rotary_emb, image_emb)
+                                  image_rotary_emb, image_emb, backend=self._attention_backend,
+                                  parallel_config=self._parallel_config)
 
 
 class StyleAdapter(nn.Module):

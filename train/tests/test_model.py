@@ -215,3 +215,153 @@ def test_full_size_conditioned_forward_on_meta():
         )
     assert len(adapter.ip_adapter) == 57
     assert out.shape == (b, tokens, 64)
+
+
+# ---------------------------------------------------------------------- golden style attention (float64)
+def _rms(x, weight=None, eps=1e-5):
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return x if weight is None else x * weight
+
+
+def _rope(x, cos, sin):
+    """Rotate each (even, odd) pair of the head dimension by the angle whose cos/sin are given per position."""
+    x0, x1 = x[..., 0::2], x[..., 1::2]
+    c, s = cos[None, :, None, 0::2], sin[None, :, None, 0::2]
+    return torch.stack([x0 * c - x1 * s, x1 * c + x0 * s], dim=-1).flatten(-2)
+
+
+def _sdpa(q, k, v):
+    """[B, S, H, D] x [B, N, H, D] -> [B, S, H*D], softmax(q k^T / sqrt(D)) v."""
+    w = torch.einsum("bshd,bnhd->bhsn", q, k) / q.shape[-1] ** 0.5
+    return torch.einsum("bhsn,bnhd->bshd", w.softmax(-1), v).flatten(2)
+
+
+def _heads(x, head_dim):
+    return x.unflatten(-1, (-1, head_dim))
+
+
+def _golden_inputs(attn, text_len, image_len, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    dim = attn.to_q.in_features
+    theta = torch.rand(text_len + image_len, attn.head_dim // 2, generator=g, dtype=torch.float64) * 6.0
+    cos, sin = theta.cos().repeat_interleave(2, -1), theta.sin().repeat_interleave(2, -1)
+    # Small style tokens: their keys' mean square is ~1e-6, so the RMSNorm eps (1e-5) visibly matters.
+    emb = torch.randn(2, 8, 32, generator=g, dtype=torch.float64) * 0.003
+    return g, dim, (cos, sin), emb
+
+
+def _style_block(module, scale):
+    """A float64 copy of a style block with values large enough to dominate the comparison."""
+    block = copy.deepcopy(module).double()
+    with torch.no_grad():
+        block.to_v_ip.weight.mul_(300.0)  # the small tokens above would otherwise give ~1e-3 values
+    block.scale = scale
+    return block
+
+
+def _style_reference(q_pre_rope, emb, block, scale):
+    """The released adapter's style branch: RMS-normalised (no affine, eps 1e-5) keys, raw values."""
+    k_ip = _rms(_heads(emb @ block.to_k_ip.weight.T, block.head_dim), eps=1e-5)
+    v_ip = _heads(emb @ block.to_v_ip.weight.T, block.head_dim)
+    return scale * _sdpa(q_pre_rope, k_ip, v_ip)
+
+
+def test_double_block_style_attention_golden(calligrapher):
+    """One double-stream block computed by hand in float64 from its weights: queries after norm_q and
+    before RoPE attend to the style tokens; output x scale is added to the image tokens before to_out."""
+    names = list(calligrapher.transformer.attn_processors)
+    assert names[0] == "transformer_blocks.0.attn.processor"
+    attn = copy.deepcopy(calligrapher.transformer.transformer_blocks[0].attn).double()
+    block = _style_block(calligrapher.adapter.ip_adapter[0], 0.7)
+    g, dim, rope, emb = _golden_inputs(attn, text_len=4, image_len=6)
+    x = torch.randn(2, 6, dim, generator=g, dtype=torch.float64)
+    enc = torch.randn(2, 4, dim, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        img_out, enc_out = block.attend(attn, x, enc, None, rope, emb)
+        hd = attn.head_dim
+        lin = lambda m, t: t @ m.weight.T + (m.bias if m.bias is not None else 0)  # noqa: E731
+        q = _rms(_heads(lin(attn.to_q, x), hd), attn.norm_q.weight, attn.norm_q.eps)
+        k = _rms(_heads(lin(attn.to_k, x), hd), attn.norm_k.weight, attn.norm_k.eps)
+        v = _heads(lin(attn.to_v, x), hd)
+        eq = _rms(_heads(lin(attn.add_q_proj, enc), hd), attn.norm_added_q.weight, attn.norm_added_q.eps)
+        ek = _rms(_heads(lin(attn.add_k_proj, enc), hd), attn.norm_added_k.weight, attn.norm_added_k.eps)
+        ev = _heads(lin(attn.add_v_proj, enc), hd)
+        joint = _sdpa(_rope(torch.cat([eq, q], 1), *rope), _rope(torch.cat([ek, k], 1), *rope), torch.cat([ev, v], 1))
+        style = _style_reference(q, emb, block, 0.7)
+        want_img = lin(attn.to_out[0], joint[:, 4:] + style)
+        want_enc = lin(attn.to_add_out, joint[:, :4])
+        # the style branch alone involves no RoPE: it must agree to float64 precision
+        assert torch.allclose(block.style_attention(q, emb) * 0.7, style, atol=1e-12, rtol=0)
+    # diffusers applies RoPE in float32 even for float64 inputs: the full block agrees to ~1e-7
+    torch.testing.assert_close(img_out, want_img, atol=1e-5, rtol=0)
+    torch.testing.assert_close(enc_out, want_enc, atol=1e-5, rtol=0)
+    assert style.abs().max() > 0.1 and lin(attn.to_out[0], style).abs().max() > 0.05  # the style term matters
+
+
+def test_single_block_style_attention_golden(calligrapher):
+    """A single-stream block: the style attends from the whole text+image sequence, added before the
+    block's own output projection (which the processor does not apply)."""
+    names = list(calligrapher.transformer.attn_processors)
+    assert names[-1] == "single_transformer_blocks.0.attn.processor"
+    attn = copy.deepcopy(calligrapher.transformer.single_transformer_blocks[0].attn).double()
+    block = _style_block(calligrapher.adapter.ip_adapter[-1], 1.3)
+    g, dim, rope, emb = _golden_inputs(attn, text_len=4, image_len=6, seed=1)
+    x = torch.randn(2, 10, dim, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        out = block.attend(attn, x, None, None, rope, emb)
+        hd = attn.head_dim
+        lin = lambda m, t: t @ m.weight.T + (m.bias if m.bias is not None else 0)  # noqa: E731
+        q = _rms(_heads(lin(attn.to_q, x), hd), attn.norm_q.weight, attn.norm_q.eps)
+        k = _rms(_heads(lin(attn.to_k, x), hd), attn.norm_k.weight, attn.norm_k.eps)
+        v = _heads(lin(attn.to_v, x), hd)
+        want = _sdpa(_rope(q, *rope), _rope(k, *rope), v) + _style_reference(q, emb, block, 1.3)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=0)
+
+
+@pytest.fixture()
+def _restore_attention_backend():
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    active = _AttentionBackendRegistry.get_active_backend()[0]
+    yield
+    _AttentionBackendRegistry.set_active_backend(active)
+
+
+def test_attention_backend_reaches_the_style_processors(tiny_models, calligrapher, _restore_attention_backend):
+    """``set_attention_backend`` reaches every installed processor and both attention calls use it;
+    scale 0 stays bit-exact with diffusers' own processors under the same backend."""
+    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+
+    cond, latents = _batch(calligrapher)
+    calligrapher.adapter.set_scale(0.0)
+    with torch.no_grad():
+        native = calligrapher.velocity(latents, 0.6, cond)
+    calligrapher.transformer.set_attention_backend("_native_math")
+    _AttentionBackendRegistry.set_active_backend(AttentionBackendName.NATIVE)  # only the processors know it
+    procs = list(calligrapher.transformer.attn_processors.values())
+    assert all(p._attention_backend == AttentionBackendName._NATIVE_MATH for p in procs)
+    with torch.no_grad():
+        math = calligrapher.velocity(latents, 0.6, cond)
+    assert not torch.equal(math, native)  # the math kernel rounds differently: the backend was used
+    from diffusers import FluxTransformer2DModel
+
+    base = FluxTransformer2DModel.from_pretrained(tiny_models["flux"], subfolder="transformer")
+    base.set_attention_backend("_native_math")
+    _AttentionBackendRegistry.set_active_backend(AttentionBackendName.NATIVE)
+    with torch.no_grad():
+        want = base(hidden_states=torch.cat([latents, cond.cond_latents], -1), timestep=torch.full((2,), 0.6),
+                    guidance=cond.guidance, pooled_projections=cond.pooled_prompt_embeds,
+                    encoder_hidden_states=cond.prompt_embeds, txt_ids=cond.text_ids, img_ids=cond.img_ids,
+                    return_dict=False)[0]
+    assert torch.equal(math, want)
+    # the style branch uses it too: a backend with no CPU kernel fails in the style call as well
+    calligrapher.adapter.set_scale(1.0)
+    for p in procs:
+        p._attention_backend = AttentionBackendName._NATIVE_EFFICIENT
+    with pytest.raises(RuntimeError, match="No viable backend"):
+        with torch.no_grad():
+            calligrapher.adapter.ip_adapter[0].style_attention(
+                torch.randn(1, 4, 2, 16), torch.randn(1, 8, 32), backend=procs[0]._attention_backend)
+    with pytest.raises(RuntimeError, match="No viable backend"):
+        with torch.no_grad():
+            calligrapher.velocity(latents, 0.6, cond)
