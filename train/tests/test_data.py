@@ -284,3 +284,103 @@ def test_dataset_items_are_prepared_samples(tmp_path):
     item = ds[1]
     assert item.id == "syn00001" and item.image.shape[1:] == (item.source_box[3], 64)
     assert item.image.min() >= -1 and item.image.max() <= 1 and item.style_image.size == (512, 512)
+
+
+def _glyph(font_path, ch: str, size: int = 32) -> np.ndarray:
+    from PIL import ImageDraw, ImageFont
+
+    img = Image.new("L", (64, 64))
+    ImageDraw.Draw(img).text((8, 8), ch, font=ImageFont.truetype(str(font_path), size, index=0), fill=255)
+    return np.asarray(img)
+
+
+@pytest.mark.parametrize("lang", ["en", "zh"])
+def test_fonts_draw_real_glyphs_not_tofu(lang):
+    """Every character the generator uses has its own glyph in every font it picks: a missing glyph
+    draws the font's .notdef box, identical for all characters."""
+    from train.data.synthesize import WORDS
+
+    chars = sorted(set("".join(WORDS[lang])) - {" "})
+    for font in find_fonts(lang):
+        notdef = _glyph(font, "\U0010FFFD")
+        glyphs = [_glyph(font, ch) for ch in chars]
+        tofu = [ch for ch, g in zip(chars, glyphs) if np.array_equal(g, notdef) or not g.any()]
+        assert not tofu, f"{font.name} has no glyph for {''.join(tofu)}"
+        assert len({g.tobytes() for g in glyphs}) == len(chars), font.name
+
+
+@pytest.mark.parametrize("lang", ["en", "zh"])
+def test_rendered_text_is_visible_ink_in_the_mask(lang):
+    """The text stands out from what it covers: enough ink pixels, in a clearly different luminance."""
+    rng = np.random.default_rng(7)
+    for i in range(6):
+        s = render_sample(rng, 128, lang, with_ref=False)
+        lum_src = np.asarray(s.source.convert("L"), dtype=float)
+        lum_bg = np.asarray(s.background.convert("L"), dtype=float)
+        inside = np.asarray(s.mask) > 127
+        ink = (np.asarray(s.source) != np.asarray(s.background)).any(axis=2) & inside
+        assert ink.sum() >= 0.03 * inside.sum(), (s.text, s.font.name)
+        assert np.abs(lum_src - lum_bg)[ink].mean() > 30, (s.text, s.font.name)
+        assert np.percentile(lum_src[inside], 98) - np.percentile(lum_src[inside], 2) > 30, s.text
+
+
+# ---------------------------------------------------------------------- validation messages
+def test_mask_that_vanishes_at_the_training_resolution_is_refused(files):
+    line = Image.new("L", (512, 512))
+    line.paste(255, (40, 101, 400, 102))  # one pixel high: nearest neighbour to 64 px drops it
+    line.save(files / "line.png")
+    noise_image(512, 512).save(files / "big.png")
+    path = write_json(files / "data.json", [{"source": "big.png", "mask": "line.png", "text": "x", "id": "thin"}])
+    assert load_records(path, resolution=512)  # fine at full size
+    with pytest.raises(DatasetError) as err:
+        load_records(path, resolution=64)
+    (problem,) = err.value.problems
+    assert problem.startswith("record 0 (id 'thin'): mask vanishes when resized")
+    assert "64x64" in problem and "line.png" in problem
+
+
+def test_error_names_the_dataset_once_and_the_flag(files):
+    path = write_json(files / "data.json", [dict(GOOD, text="")])
+    with pytest.raises(DatasetError) as err:
+        load_records(path, flag="--rl_eval_data")
+    message = str(err.value)
+    assert message.startswith(f"--rl_eval_data {path}: 1 problem(s):\n")
+    assert message.count(str(path)) == 1 and "training data" not in message
+
+
+def test_benchmark_line_problems_do_not_hide_missing_files(files):
+    bench = files / "bench"
+    bench.mkdir()
+    (bench / "self_bench.txt").write_text("1-hello\noops\n2-world\n")
+    noise_image(32, 32).save(bench / "test1_source.png")
+    box_mask(32, 32, (4, 4, 20, 20)).save(bench / "test1_mask.png")  # test2 has no files
+    with pytest.raises(DatasetError) as err:
+        load_records(bench)
+    problems = err.value.problems
+    assert problems[0] == "self_bench.txt line 2: expected 'N-text', got 'oops'"
+    assert any(p.startswith("record 1 (test2): source file not found") for p in problems)
+    assert any(p.startswith("record 1 (test2") and "mask file not found" in p for p in problems)
+
+
+def test_16bit_images_load_scaled_not_white(tmp_path):
+    """A 16-bit grayscale source (Pillow mode I;16) reaches the model with its real pixel values."""
+    gray = (np.arange(32 * 32, dtype=np.uint16).reshape(32, 32) * 64)
+    Image.fromarray(gray).save(tmp_path / "src16.png")
+    box_mask(32, 32, (4, 4, 20, 20)).save(tmp_path / "mask.png")
+    path = write_json(tmp_path / "d.json", [{"source": "src16.png", "mask": "mask.png", "text": "x"}])
+    sample = CalligraphyDataset(load_records(path), resolution=32, reference_strip=False)[0]
+    want = torch.from_numpy((gray >> 8).astype(np.float32)) / 127.5 - 1.0
+    assert Image.open(tmp_path / "src16.png").mode == "I;16"
+    torch.testing.assert_close(sample.image[0], want, atol=1e-6, rtol=0)
+    assert sample.image.min() < -0.9  # not clipped to white
+
+
+def test_single_sample_validation_names_the_files(files):
+    from train.data.dataset import load_sample
+
+    record = load_sample(files / "src.png", files / "mask.png", "hi", ref=files / "ref.png", resolution=32)
+    assert record.id == "src" and record.ref == (files / "ref.png").resolve()
+    with pytest.raises(DatasetError) as err:
+        load_sample(files / "src.png", files / "small.png", "hi")
+    assert str(err.value).startswith("--source/--mask/--ref/--text: 1 problem(s):")
+    assert err.value.problems == ["size mismatch: source is 32x32 but mask is 16x16"]
