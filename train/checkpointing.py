@@ -1,11 +1,26 @@
-"""Checkpoint folders: ``OUTPUT_DIR/checkpoint-{step}/`` written atomically, found, pruned, resumed (SPEC §5).
+"""Checkpoint folders: ``OUTPUT_DIR/checkpoint-{step}/`` written atomically, found, validated, pruned, resumed (SPEC §5).
 
 A checkpoint holds ``ip-adapter.bin`` (+ ``ip-adapter-ema.bin`` with EMA), accelerate's full
-training state (adapter, optimizer, LR scheduler, RNG states, registered objects) and
-``trainer_state.json`` (global step, data position, EMA update count). Everything is written
-into a hidden ``.checkpoint-{step}.partial`` folder that is renamed into place only when
-complete, so a crash mid-write never touches the newest complete checkpoint and ``latest``
-never picks a half-written one.
+training state and ``trainer_state.json`` (global step, data position, EMA update count, the
+run's flags under ``"config"``). accelerate 1.15's ``save_state`` writes, for one prepared
+model and optimizer and one registered LR scheduler: ``model.safetensors``, ``optimizer.bin``,
+``custom_checkpoint_0.pkl`` (the scheduler), ``random_states_{rank}.pkl`` (and ``scheduler.bin``
+/ ``scaler.pt`` when a scheduler is prepared / fp16 is used; FSDP and DeepSpeed write
+``pytorch_model*`` / ``optimizer_*`` entries instead). Every ``.bin``/``.pkl``/``.pt`` is a
+``torch.save`` zip archive.
+
+Safety rules:
+
+- Writes go to a hidden ``.checkpoint-{step}.partial`` folder renamed into place when complete.
+  Rewriting an existing step first sets the old folder aside (``.checkpoint-{step}.old``), so a
+  crash at any moment leaves one complete copy; :func:`remove_partial` puts it back.
+- Pruning (``--checkpoints_total_limit``) after saving step ``s`` looks only at checkpoints with
+  step <= ``s`` and keeps the newest ``limit`` of them by step (``s`` itself always survives).
+  Checkpoints with a higher step (an older branch of the run) are left alone.
+- A fresh run refuses an output folder that already holds checkpoints (:func:`prepare_output_dir`).
+- Resuming validates the checkpoint first (:func:`validate_checkpoint`); ``latest`` skips damaged
+  checkpoints with a note (:func:`resolve_resume`); flags are compared with the saved ones
+  (:func:`check_resume_flags`). Every problem is one :class:`CheckpointError` line naming the file.
 """
 
 from __future__ import annotations
@@ -14,43 +29,108 @@ import json
 import os
 import re
 import shutil
+import zipfile
 from pathlib import Path
 
-from .models.checkpoint_io import read_adapter_file, save_adapter_file
+from .config import ConfigError
+from .models.checkpoint_io import AdapterFileError, read_adapter_file, save_adapter_file
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
+_ASIDE = re.compile(r"^\.checkpoint-(\d+)\.old$")
 STATE_FILE = "trainer_state.json"
 ADAPTER_FILE = "ip-adapter.bin"
 EMA_FILE = "ip-adapter-ema.bin"
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.bin"
+RUN_LOGS = ("logs", "train_log.txt")  # what --overwrite_output_dir removes besides checkpoints
+_STATE_INTS = ("global_step", "epoch", "position", "global_batch")
+_FULL_LOAD_BYTES = 64 << 20  # archives up to this size are loaded completely when validated
+_SHARDED = ("FSDP", "DEEPSPEED", "MEGATRON_LM")  # accelerate layouts without a plain model.safetensors
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint or output folder that cannot be used as asked; the entry point exits 2 with this one line."""
+
+
+# ---------------------------------------------------------------------------- finding checkpoints
+def checkpoint_dirs(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Every ``checkpoint-{step}`` folder in ``output_dir`` (complete or not), by step (numerically), oldest first."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _NAME.match(p.name)) and p.is_dir()]
+    return sorted(found, key=lambda sp: sp[0])
 
 
 def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
-    """Complete checkpoints in ``output_dir``, oldest first."""
-    out = []
-    root = Path(output_dir)
-    if not root.is_dir():
-        return out
-    for p in root.iterdir():
-        m = _NAME.match(p.name)
-        if m and p.is_dir() and (p / STATE_FILE).is_file() and (p / ADAPTER_FILE).is_file():
-            out.append((int(m.group(1)), p))
-    return sorted(out)
+    """Complete checkpoints (trainer state and adapter present) in ``output_dir``, oldest first."""
+    return [(s, p) for s, p in checkpoint_dirs(output_dir)
+            if (p / STATE_FILE).is_file() and (p / ADAPTER_FILE).is_file()]
 
 
 def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The complete checkpoint with the highest step (not validated: see :func:`resolve_resume`)."""
     found = list_checkpoints(output_dir)
     return found[-1][1] if found else None
 
 
 def remove_partial(output_dir: str | os.PathLike) -> list[Path]:
-    """Delete leftovers of interrupted writes; returns what was removed."""
+    """Clean up after interrupted writes; returns the deleted half-written folders.
+
+    A checkpoint set aside while its step was being rewritten is put back when the rewrite never
+    completed, and deleted when it did.
+    """
     root = Path(output_dir)
-    stale = [p for p in root.glob(".checkpoint-*.partial")] if root.is_dir() else []
+    if not root.is_dir():
+        return []
+    for aside in root.iterdir():
+        m = _ASIDE.match(aside.name)
+        if m and aside.is_dir():
+            final = root / f"checkpoint-{m.group(1)}"
+            if final.exists():
+                shutil.rmtree(aside, ignore_errors=True)
+            else:
+                os.replace(aside, final)
+    stale = list(root.glob(".checkpoint-*.partial"))
     for p in stale:
         shutil.rmtree(p, ignore_errors=True)
     return stale
 
 
+def prepare_output_dir(output_dir: str | os.PathLike, resume: str | None, overwrite: bool,
+                       remove: bool = True) -> list[Path]:
+    """Check that a run may write into ``output_dir``; with ``overwrite`` delete the previous run's files.
+
+    A fresh run (no ``resume``) into a folder holding checkpoints raises :class:`CheckpointError`:
+    its checkpoints would mix with the old ones and ``latest`` would pick the old run's.
+    ``overwrite`` deletes the old run's checkpoints (complete, half-written and set-aside ones),
+    its TensorBoard ``logs/`` and ``train_log.txt``; other files (e.g. ``prompt_cache/``) stay.
+    Returns what was deleted. Call it on every process; pass ``remove=False`` on all but the main one.
+    """
+    root = Path(output_dir)
+    if overwrite and resume:
+        raise CheckpointError(f"--overwrite_output_dir deletes the checkpoints that --resume_from_checkpoint "
+                              f"{resume} would continue from: pass one of them, not both")
+    existing = checkpoint_dirs(root)
+    if not existing or resume:
+        return []
+    names = ", ".join(p.name for _, p in existing[-3:]) + (f" and {len(existing) - 3} more" if len(existing) > 3 else "")
+    if not overwrite:
+        raise CheckpointError(f"--output_dir {root} already holds checkpoints of another run ({names}); continue "
+                              f"it with --resume_from_checkpoint latest, choose another --output_dir, or pass "
+                              f"--overwrite_output_dir to delete them")
+    doomed = [p for _, p in existing] + sorted(root.glob(".checkpoint-*")) + \
+        [root / name for name in RUN_LOGS if (root / name).exists()]
+    if remove:
+        for p in doomed:
+            if p.is_dir():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+    return doomed
+
+
+# ---------------------------------------------------------------------------- writing
 def split_adapter_state(flat: dict) -> dict:
     """``{"image_proj.x": t, "ip_adapter.0.y": t}`` (a full adapter state dict) -> our file layout."""
     out = {"image_proj": {}, "ip_adapter": {}}
@@ -61,8 +141,12 @@ def split_adapter_state(flat: dict) -> dict:
 
 
 def save_checkpoint(accelerator, output_dir, step: int, adapter, trainer_state: dict, ema=None,
-                    total_limit: int | None = None) -> Path:
-    """Collective: every process must call it. Returns the final checkpoint path."""
+                    total_limit: int | None = None, config: dict | None = None) -> Path:
+    """Collective: every process must call it. Returns the final checkpoint path.
+
+    ``config`` (the run's flags, ``cfg.to_dict()``) is stored in ``trainer_state.json`` under
+    ``"config"`` so that a resume can compare flags (:func:`check_resume_flags`).
+    """
     output_dir = Path(output_dir)
     final = output_dir / f"checkpoint-{step}"
     tmp = output_dir / f".checkpoint-{step}.partial"
@@ -76,26 +160,292 @@ def save_checkpoint(accelerator, output_dir, step: int, adapter, trainer_state: 
         if ema is not None:
             save_adapter_file(split_adapter_state(ema.shadow), tmp / EMA_FILE)
         state = dict(trainer_state, ema_num_updates=ema.num_updates if ema is not None else None)
-        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        if config is not None:
+            state["config"] = config
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2, default=str))
+        _move_into_place(tmp, final)
         if total_limit:
-            for _, old in list_checkpoints(output_dir)[:-total_limit]:
-                shutil.rmtree(old, ignore_errors=True)
+            prune_checkpoints(output_dir, step, total_limit)
     accelerator.wait_for_everyone()
     return final
 
 
-def load_checkpoint(accelerator, path, ema=None) -> dict:
-    """Restore accelerate's state (+ EMA) from ``path``; returns ``trainer_state.json``."""
+def _move_into_place(tmp: Path, final: Path) -> None:
+    if not final.exists():
+        os.replace(tmp, final)
+        return
+    aside = final.with_name(f".{final.name}.old")  # a crash from here on leaves one complete copy
+    shutil.rmtree(aside, ignore_errors=True)
+    os.replace(final, aside)
+    os.replace(tmp, final)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def prune_checkpoints(output_dir: str | os.PathLike, step: int, total_limit: int) -> list[Path]:
+    """After saving ``step``: among checkpoints with step <= ``step`` keep the newest ``total_limit``; returns the deleted."""
+    older = [p for s, p in checkpoint_dirs(output_dir) if s <= step]
+    doomed = older[:-total_limit] if total_limit > 0 else []
+    for p in doomed:
+        shutil.rmtree(p, ignore_errors=True)
+    return doomed
+
+
+# ---------------------------------------------------------------------------- validating
+def read_trainer_state(path: str | os.PathLike) -> dict:
+    """``trainer_state.json`` of checkpoint ``path``; :class:`CheckpointError` naming the file if unusable."""
+    file = Path(path) / STATE_FILE
+    problem = _state_problem(file, Path(path).name, expect_ema=False)
+    if problem:
+        raise CheckpointError(f"{file}: {problem}")
+    return json.loads(file.read_text())
+
+
+def validate_checkpoint(path: str | os.PathLike, expect_ema: bool | None = None,
+                        model_shapes: dict[str, tuple] | None = None) -> list[str]:
+    """Problems that would stop ``path`` from resuming a run, each ``"<file>: <problem>"``; empty = usable.
+
+    Cheap enough for the largest checkpoints: torch archives above 64 MB are checked for a complete
+    zip directory (what truncation destroys), smaller ones are loaded; ``model.safetensors`` is
+    checked against its header and, with ``model_shapes`` (``{name: shape}`` of the adapter being
+    resumed), against the model. ``expect_ema`` requires ``ip-adapter-ema.bin``.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        return [f"{root}: not a folder"]
+    names = {p.name for p in root.iterdir()}
+    if not names & {STATE_FILE, ADAPTER_FILE, MODEL_FILE, OPTIMIZER_FILE}:
+        return [f"{root}: not a checkpoint folder (none of {STATE_FILE}, {ADAPTER_FILE}, {MODEL_FILE}, "
+                f"{OPTIMIZER_FILE})"]
+    problems = []
+    required = [STATE_FILE, ADAPTER_FILE] + ([EMA_FILE] if expect_ema else [])
+    sharded = any(n.startswith("pytorch_model") for n in names)  # FSDP / DeepSpeed write their own layout
+    if not sharded:
+        required += [OPTIMIZER_FILE] + ([] if "model.bin" in names else [MODEL_FILE])
+    problems += [f"{name}: missing" + (" (the run was written without --use_ema)" if name == EMA_FILE else "")
+                 for name in required if name not in names]
+    if STATE_FILE in names:
+        problem = _state_problem(root / STATE_FILE, root.name, expect_ema=bool(expect_ema) and EMA_FILE in names)
+        if problem:
+            problems.append(f"{STATE_FILE}: {problem}")
+    if MODEL_FILE in names:
+        problems += [f"{MODEL_FILE}: {p}" for p in _safetensors_problems(root / MODEL_FILE, model_shapes)]
+    for name in sorted(names):
+        if name.endswith((".bin", ".pkl", ".pt")) and (root / name).is_file():
+            problem = _archive_problem(root / name)
+            if problem:
+                problems.append(f"{name}: {problem}")
+    return problems
+
+
+def _state_problem(file: Path, folder_name: str, expect_ema: bool) -> str | None:
+    if not file.is_file():
+        return "missing"
+    try:
+        state = json.loads(file.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        return f"not valid JSON ({type(exc).__name__}: {str(exc).splitlines()[0][:80]})"
+    if not isinstance(state, dict):
+        return "not a JSON object"
+    bad = [k for k in _STATE_INTS if not isinstance(state.get(k), int) or isinstance(state.get(k), bool)]
+    if bad:
+        return f"missing or non-integer {bad}"
+    if expect_ema and not isinstance(state.get("ema_num_updates"), int):
+        return "no integer ema_num_updates beside an EMA file"
+    m = _NAME.match(folder_name)
+    if m and int(m.group(1)) != state["global_step"]:
+        return f"global_step {state['global_step']} does not match the folder name {folder_name}"
+    return None
+
+
+def _archive_problem(file: Path) -> str | None:
+    """Why ``file`` is not a complete ``torch.save`` archive, or None."""
+    size = file.stat().st_size
+    if size == 0:
+        return "empty (0 bytes)"
+    try:
+        with zipfile.ZipFile(file) as z:
+            infos = z.infolist()
+    except (zipfile.BadZipFile, OSError):
+        return f"truncated or not a torch archive ({size} bytes, no zip directory)"
+    if not infos or any(i.header_offset + i.compress_size > size for i in infos):
+        return f"truncated ({size} bytes)"
+    if size <= _FULL_LOAD_BYTES:
+        import torch
+
+        try:
+            torch.load(file, map_location="cpu", weights_only=False)
+        except Exception as exc:  # noqa: BLE001 - any failure to unpickle makes the file unusable
+            return f"unreadable ({type(exc).__name__}: {str(exc).splitlines()[0][:100] if str(exc) else ''})"
+    return None
+
+
+def _safetensors_problems(file: Path, model_shapes: dict | None) -> list[str]:
+    size = file.stat().st_size
+    if size < 8:
+        return [f"empty or truncated ({size} bytes)"]
+    with open(file, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if 8 + n > size:
+            return [f"truncated ({size} bytes; the header alone needs {8 + n})"]
+        try:
+            header = json.loads(f.read(n))
+            tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+            end = max((v["data_offsets"][1] for v in tensors.values()), default=0)
+        except (ValueError, KeyError, TypeError, IndexError):
+            return ["header is not valid safetensors JSON"]
+    if 8 + n + end != size:
+        return [f"truncated ({size} bytes, the header describes {8 + n + end})"]
+    if model_shapes is None:
+        return []
+    saved = {k: tuple(v.get("shape", ())) for k, v in tensors.items()}
+    want = {k: tuple(v) for k, v in model_shapes.items()}
+    out = []
+    missing, extra = sorted(want.keys() - saved.keys()), sorted(saved.keys() - want.keys())
+    if missing:
+        out.append(f"lacks {len(missing)} adapter tensor(s) {missing[:3]}")
+    if extra:
+        out.append(f"has {len(extra)} tensor(s) this adapter does not {extra[:3]}")
+    diff = [k for k in sorted(want.keys() & saved.keys()) if want[k] != saved[k]]
+    if diff:
+        k = diff[0]
+        out.append(f"{len(diff)} tensor(s) differ in shape from this model, e.g. {k!r} is {saved[k]} in the checkpoint "
+                   f"and {want[k]} here (written with another --num_tokens or base model?)")
+    return out
+
+
+def resolve_resume(output_dir: str | os.PathLike, spec: str | None, expect_ema: bool | None = None,
+                   model_shapes: dict | None = None, log=print) -> Path | None:
+    """The checkpoint ``--resume_from_checkpoint spec`` means, validated; None = start fresh.
+
+    ``latest``: the highest step whose checkpoint validates; each newer damaged one is reported
+    through ``log`` and skipped; no checkpoint at all = None (with a note); all damaged = error.
+    A named folder must validate. Raises :class:`CheckpointError` (one line).
+    """
+    if not spec:
+        return None
+    if spec != "latest":
+        problems = validate_checkpoint(spec, expect_ema, model_shapes)
+        if problems:
+            raise CheckpointError(f"--resume_from_checkpoint {spec}: " + "; ".join(problems))
+        return Path(spec)
+    found = checkpoint_dirs(output_dir)
+    if not found:
+        log(f"--resume_from_checkpoint latest: no checkpoint in {output_dir}, starting fresh")
+        return None
+    damaged = []
+    for _, path in reversed(found):
+        problems = validate_checkpoint(path, expect_ema, model_shapes)
+        if not problems:
+            for bad, why in damaged:
+                log(f"--resume_from_checkpoint latest: skipping damaged {bad} ({why}); using {path.name}")
+            return path
+        damaged.append((path, "; ".join(problems)))
+    raise CheckpointError(f"--resume_from_checkpoint latest: no usable checkpoint in {output_dir}: "
+                          + " | ".join(f"{p.name}: {why}" for p, why in damaged))
+
+
+def load_checkpoint(accelerator, path, ema=None, config: dict | None = None, log=print) -> dict:
+    """Validate, then restore accelerate's state (+ EMA) from ``path``; returns ``trainer_state.json``.
+
+    With ``config`` (this run's ``cfg.to_dict()``) the flags are first compared with the saved
+    ones (:func:`check_resume_flags`): notes go to ``log``, conflicts raise. Nothing is loaded
+    unless everything checks out; any failure is one :class:`CheckpointError` naming the file.
+    """
     path = Path(path)
-    accelerator.load_state(str(path))
-    state = json.loads((path / STATE_FILE).read_text())
+    shapes = None
+    if len(accelerator._models) == 1 and accelerator.distributed_type.value not in _SHARDED:
+        sd = accelerator.unwrap_model(accelerator._models[0]).state_dict()  # what model.safetensors must match
+        shapes = {k: tuple(v.shape) for k, v in sd.items()}
+    problems = validate_checkpoint(path, expect_ema=ema is not None, model_shapes=shapes)
+    if problems:
+        raise CheckpointError(f"cannot resume from {path}: " + "; ".join(problems))
+    state = read_trainer_state(path)
+    if config is not None:
+        notes, errors = check_resume_flags(state.get("config"), config, state["global_step"])
+        if errors:
+            raise CheckpointError(f"cannot resume from {path}: " + "; ".join(errors))
+        for note in notes:
+            log(f"resuming from {path.name}: {note}")
+    try:
+        accelerator.load_state(str(path))
+    except Exception as exc:  # noqa: BLE001 - one clear line instead of accelerate's traceback
+        raise CheckpointError(f"cannot resume from {path}: accelerate could not load its training state "
+                              f"({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]})") from exc
     if ema is not None:
-        if not (path / EMA_FILE).is_file():
-            raise FileNotFoundError(f"{path} has no {EMA_FILE}: it was written without --use_ema")
-        weights = read_adapter_file(path / EMA_FILE)
-        ema.load_state_dict({"shadow": {f"{part}.{k}": v for part, sd in weights.items() for k, v in sd.items()},
-                             "num_updates": state["ema_num_updates"]})
+        try:
+            weights = read_adapter_file(path / EMA_FILE)
+            ema.load_state_dict({"shadow": {f"{part}.{k}": v for part, sd in weights.items() for k, v in sd.items()},
+                                 "num_updates": state["ema_num_updates"]})
+        except (AdapterFileError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"cannot resume from {path}: {EMA_FILE}: "
+                                  f"{(str(exc).splitlines() or [''])[0][:200]}") from exc
     return state
+
+
+
+# ---------------------------------------------------------------------------- flags on resume
+# What a resumed run may do with each flag. Flags not listed here may change and get a note
+# ("changed from A to B; the new value applies from here on"), so new flags are safe by default.
+MUST_MATCH = {
+    "model_type": "the adapter belongs to that base model",
+    "num_tokens": "the image projection's shapes depend on it",
+    "gradient_accumulation_steps": "every saved optimizer step averaged that many micro-batches; the data "
+                                   "position, LR schedule and --max_train_steps count such steps",
+    "learning_rate": "the restored optimizer and LR scheduler keep the saved base learning rate",
+    "lr_scheduler": "the restored scheduler state would continue on the saved base learning rate",
+    "lr_warmup_steps": "the restored scheduler state belongs to the saved warm-up",
+    "adam_beta1": "the restored optimizer state keeps the saved value",
+    "adam_beta2": "the restored optimizer state keeps the saved value",
+    "adam_weight_decay": "the restored optimizer state keeps the saved value",
+    "adam_epsilon": "the restored optimizer state keeps the saved value",
+    "use_8bit_adam": "the optimizer state has another format",
+}
+FREE = {  # bookkeeping, paths and speed/memory switches: no effect on what is learned
+    "output_dir", "resume_from_checkpoint", "overwrite_output_dir", "checkpointing_steps",
+    "checkpoints_total_limit", "report_to", "logging_steps", "dataloader_num_workers", "prompt_cache_dir",
+    "offload_text_encoder_two", "gradient_checkpointing", "ema_device", "initial_ip_adapter_path",
+}
+_CONSTANT_LR = ("constant", "constant_with_warmup")
+
+
+def check_resume_flags(saved_config: dict | None, current_config: dict,
+                       saved_step: int | None = None) -> tuple[list[str], list[str]]:
+    """Compare this run's flags with those saved in a checkpoint: ``(notes, errors)``, one line each.
+
+    Errors: a :data:`MUST_MATCH` flag changed (the restored state would silently ignore or
+    contradict it), ``--max_train_steps`` below the checkpoint's step, ``--mixed_precision fp16``
+    from a checkpoint without a loss-scaler state. Notes: any other changed flag except
+    :data:`FREE` ones, ``--max_train_steps`` equal to the checkpoint's step (nothing to train),
+    a longer or shorter non-constant LR schedule, EMA weights left behind.
+    """
+    notes, errors = [], []
+    total = current_config.get("max_train_steps")
+    if saved_step is not None and total is not None:
+        if total < saved_step:
+            errors.append(f"--max_train_steps {total} is below the checkpoint's step {saved_step}: a run cannot go "
+                          f"back; raise --max_train_steps or resume from an earlier checkpoint")
+        elif total == saved_step:
+            notes.append(f"--max_train_steps {total} equals the checkpoint's step: nothing left to train")
+    if saved_config is None:
+        notes.append("the checkpoint holds no saved flags, so they cannot be compared")
+        return notes, errors
+    changed = {k: (saved_config[k], v) for k, v in current_config.items()
+               if k in saved_config and saved_config[k] != v and k not in FREE}
+    for key, (old, new) in changed.items():
+        if key in MUST_MATCH:
+            errors.append(f"--{key} {new} differs from the checkpoint's {old}: {MUST_MATCH[key]}. Resume with "
+                          f"--{key} {old}, or start a new run from the weights with --initial_ip_adapter_path")
+        elif key == "mixed_precision" and new == "fp16":
+            errors.append(f"--mixed_precision fp16 differs from the checkpoint's {old}: it holds no fp16 loss-scaler "
+                          f"state. Resume with --mixed_precision {old}")
+        elif key == "max_train_steps":
+            sched = current_config.get("lr_scheduler")
+            notes.append(f"--max_train_steps {old} -> {new}" + ("" if sched in _CONSTANT_LR else
+                         f": the {sched} LR schedule now spans {new} steps, so the learning rate jumps here"))
+        elif key == "use_ema" and not new:
+            notes.append("--use_ema is off: the checkpoint's EMA weights are not carried on")
+        elif key == "train_batch_size":
+            notes.append(f"--train_batch_size {old} -> {new} (the global batch must stay the same)")
+        else:
+            notes.append(f"--{key} changed from {old} to {new}; the new value applies from here on")
+    return notes, errors

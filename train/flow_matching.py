@@ -25,6 +25,12 @@ def interpolate(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> t
     return (1 - s) * x0 + s * noise
 
 
+def target_velocity(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The regression target ``eps - x0``: ``d x_t / d sigma`` along :func:`interpolate`'s straight line,
+    so an Euler step ``x_t + (sigma' - sigma) * v`` (the sampler's) stays on it."""
+    return noise - x0
+
+
 def token_weights(mask: torch.Tensor, region: torch.Tensor, masked_weight: float) -> torch.Tensor:
     """Per packed-token loss weights ``[B, L]``.
 

@@ -1,0 +1,283 @@
+"""Checkpoint folders on a real accelerator with the tiny style adapter: latest, pruning, atomic
+rewrites, refusing a used output folder, validation of damaged checkpoints (SPEC §5)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from train import checkpointing as ckpt
+from train.checkpointing import CheckpointError
+from train.config import ConfigError
+from train.models.adapter import StyleAdapter
+from train.models.tiny import build_flux_transformer
+from train.rl_ip.ema import EMA
+
+
+class Run:
+    """A prepared adapter + AdamW + registered LR scheduler (+ EMA), as the trainer sets them up."""
+
+    def __init__(self, out, num_tokens: int = 8, use_ema: bool = True):
+        from diffusers.optimization import get_scheduler
+
+        torch.manual_seed(0)
+        adapter = StyleAdapter.for_transformer(build_flux_transformer("tiny"), style_dim=32, num_tokens=num_tokens)
+        self.acc = Accelerator()
+        optimizer = torch.optim.AdamW(adapter.parameters(), lr=1e-2)
+        self.scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=1, num_training_steps=20)
+        self.adapter, self.optimizer = self.acc.prepare(adapter, optimizer)
+        self.acc.register_for_checkpointing(self.scheduler)
+        self.ema = EMA(adapter.named_parameters(), 0.9) if use_ema else None
+        self.out, self.step = out, 0
+
+    def train(self, steps: int = 1) -> None:
+        for _ in range(steps):
+            loss = sum((p - 1).square().sum() for p in self.adapter.parameters())
+            self.acc.backward(loss)
+            self.optimizer.step()
+            self.optimizer.zero_grad()
+            self.scheduler.step()
+            self.step += 1
+            if self.ema is not None:
+                self.ema.step(self.step)
+
+    def save(self, step: int | None = None, limit: int | None = None, config: dict | None = None):
+        step = self.step if step is None else step
+        state = {"global_step": step, "epoch": 0, "position": step, "global_batch": 1, "num_processes": 1}
+        return ckpt.save_checkpoint(self.acc, self.out, step, self.adapter, state, ema=self.ema, total_limit=limit,
+                                    config=config)
+
+    def weights(self) -> dict:
+        return {k: v.clone() for k, v in self.adapter.state_dict().items()}
+
+
+@pytest.fixture()
+def run(tmp_path):
+    return Run(tmp_path / "out")
+
+
+def steps(out) -> list[int]:
+    return [s for s, _ in ckpt.checkpoint_dirs(out)]
+
+
+# ---------------------------------------------------------------------------- latest and pruning
+def test_latest_is_the_highest_step_numerically(run):
+    for s in (10, 2, 1000, 9, 500):
+        run.save(s)
+    assert steps(run.out) == [2, 9, 10, 500, 1000]
+    assert [s for s, _ in ckpt.list_checkpoints(run.out)] == [2, 9, 10, 500, 1000]
+    assert ckpt.latest_checkpoint(run.out) == run.out / "checkpoint-1000"
+    assert ckpt.resolve_resume(run.out, "latest") == run.out / "checkpoint-1000"
+
+
+def test_pruning_keeps_the_newest(run):
+    for _ in range(5):
+        run.train()
+        run.save(limit=2)
+    assert steps(run.out) == [4, 5]
+
+
+def test_pruning_never_removes_this_runs_checkpoints_for_older_higher_steps(run):
+    run.save(180)
+    run.save(200)
+    run.save(20, limit=2)
+    run.save(40, limit=2)
+    assert steps(run.out) == [20, 40, 180, 200]
+    run.save(60, limit=2)
+    assert steps(run.out) == [40, 60, 180, 200]
+    assert ckpt.prune_checkpoints(run.out, 60, 1) == [run.out / "checkpoint-40"]
+    assert steps(run.out) == [60, 180, 200]
+
+
+# ---------------------------------------------------------------------------- a used output folder
+def test_fresh_run_into_a_folder_with_checkpoints_is_refused(run):
+    run.save(180)
+    run.save(200)
+    with pytest.raises(CheckpointError) as err:
+        ckpt.prepare_output_dir(run.out, resume=None, overwrite=False)
+    msg = str(err.value)
+    assert "\n" not in msg and "checkpoint-200" in msg
+    for hint in ("--resume_from_checkpoint latest", "another --output_dir", "--overwrite_output_dir"):
+        assert hint in msg
+    assert isinstance(err.value, ConfigError)  # the entry point turns it into exit 2
+    assert steps(run.out) == [180, 200]
+    assert ckpt.prepare_output_dir(run.out, resume="latest", overwrite=False) == []
+    assert ckpt.prepare_output_dir(run.out.parent / "empty", resume=None, overwrite=False) == []
+
+
+def test_overwrite_removes_the_old_runs_checkpoints_and_logs_only(run):
+    run.save(180)
+    (run.out / ".checkpoint-200.partial").mkdir()
+    (run.out / "logs").mkdir()
+    (run.out / "train_log.txt").write_text("old run\n")
+    (run.out / "prompt_cache").mkdir()
+    with pytest.raises(CheckpointError, match="contradict|not both"):
+        ckpt.prepare_output_dir(run.out, resume="latest", overwrite=True)
+    assert ckpt.prepare_output_dir(run.out, None, overwrite=True, remove=False)  # other ranks: check only
+    assert steps(run.out) == [180]
+    removed = ckpt.prepare_output_dir(run.out, resume=None, overwrite=True)
+    assert sorted(p.name for p in removed) == [".checkpoint-200.partial", "checkpoint-180", "logs", "train_log.txt"]
+    assert sorted(p.name for p in run.out.iterdir()) == ["prompt_cache"]
+
+
+# ---------------------------------------------------------------------------- atomic rewrites
+def _fail_when(monkeypatch, func_owner, name, predicate):
+    real = getattr(func_owner, name)
+
+    def maybe_fail(*args, **kw):
+        if predicate(*args):
+            raise OSError(5, "simulated crash")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(func_owner, name, maybe_fail)
+
+
+def test_crash_while_rewriting_a_step_keeps_the_old_one(run, monkeypatch):
+    run.train()
+    run.save(3)
+    old = run.weights()
+    run.train()
+    _fail_when(monkeypatch, os, "replace", lambda src, dst: str(src).endswith(".partial"))
+    with pytest.raises(OSError, match="simulated crash"):
+        run.save(3)
+    monkeypatch.undo()
+    ckpt.remove_partial(run.out)  # what the next start does
+    assert steps(run.out) == [3] and ckpt.validate_checkpoint(run.out / "checkpoint-3", expect_ema=True) == []
+    back = ckpt.read_adapter_file(run.out / "checkpoint-3" / ckpt.ADAPTER_FILE)
+    assert torch.equal(back["image_proj"]["mlp.norm.weight"], old["image_proj.mlp.norm.weight"])
+    assert not list(run.out.glob(".checkpoint-*"))
+
+
+def test_crash_after_a_rewrite_completed_keeps_the_new_one(run, monkeypatch):
+    run.save(3)
+    run.train()
+    new = run.weights()
+    _fail_when(monkeypatch, shutil, "rmtree", lambda p, *a: str(p).endswith(".old") and os.path.isdir(p))
+    with pytest.raises(OSError, match="simulated crash"):
+        run.save(3)
+    monkeypatch.undo()
+    assert (run.out / ".checkpoint-3.old").is_dir()
+    ckpt.remove_partial(run.out)
+    back = ckpt.read_adapter_file(run.out / "checkpoint-3" / ckpt.ADAPTER_FILE)
+    assert torch.equal(back["image_proj"]["mlp.norm.weight"], new["image_proj.mlp.norm.weight"])
+    assert not list(run.out.glob(".checkpoint-*"))
+
+
+def test_config_is_stored_with_the_state(run):
+    config = {"learning_rate": 1e-4, "lr_scheduler": "cosine", "output_dir": str(run.out)}
+    path = run.save(1, config=config)
+    state = ckpt.read_trainer_state(path)
+    assert state["config"] == config and state["global_step"] == 1 and state["ema_num_updates"] == 0
+
+
+# ---------------------------------------------------------------------------- damaged checkpoints
+def _truncate(path, keep: float = 0.5):
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+DAMAGE = {
+    "truncated optimizer": ("optimizer.bin", lambda d: _truncate(d / "optimizer.bin"), "truncated"),
+    "missing optimizer": ("optimizer.bin", lambda d: (d / "optimizer.bin").unlink(), "missing"),
+    "truncated model": ("model.safetensors", lambda d: _truncate(d / "model.safetensors", 0.9), "truncated"),
+    "empty model": ("model.safetensors", lambda d: (d / "model.safetensors").write_bytes(b""), "empty"),
+    "truncated adapter": ("ip-adapter.bin", lambda d: _truncate(d / "ip-adapter.bin"), "truncated"),
+    "truncated scheduler state": ("custom_checkpoint_0.pkl", lambda d: _truncate(d / "custom_checkpoint_0.pkl"),
+                                  "truncated"),
+    "truncated rng state": ("random_states_0.pkl", lambda d: _truncate(d / "random_states_0.pkl", 0.98),
+                            "truncated"),
+    "truncated scheduler.bin": ("scheduler.bin", lambda d: (d / "scheduler.bin").write_bytes(
+        (d / "custom_checkpoint_0.pkl").read_bytes()[:300]), "truncated"),
+    "garbage trainer state": ("trainer_state.json", lambda d: (d / "trainer_state.json").write_text("{not json"),
+                              "not valid JSON"),
+    "trainer state of another step": ("trainer_state.json", lambda d: (d / "trainer_state.json").write_text(
+        json.dumps({"global_step": 7, "epoch": 0, "position": 7, "global_batch": 1, "ema_num_updates": 7})), "does not match"),
+    "missing EMA": ("ip-adapter-ema.bin", lambda d: (d / "ip-adapter-ema.bin").unlink(), "without --use_ema"),
+}
+
+
+@pytest.mark.parametrize("case", list(DAMAGE))
+def test_damaged_checkpoint_is_one_clear_error_naming_the_file(run, case):
+    name, damage, problem = DAMAGE[case]
+    run.train(2)
+    path = run.save()
+    assert ckpt.validate_checkpoint(path, expect_ema=True) == []
+    damage(path)
+    problems = ckpt.validate_checkpoint(path, expect_ema=True)
+    assert len(problems) == 1 and problems[0].startswith(f"{name}: ") and problem in problems[0], problems
+    with pytest.raises(CheckpointError) as err:
+        ckpt.resolve_resume(run.out, str(path), expect_ema=True)
+    assert "\n" not in str(err.value) and name in str(err.value)
+
+    before = run.weights()
+    run.train()  # the live state moves on; a failed load must not touch it
+    moved = run.weights()
+    with pytest.raises(CheckpointError) as err:
+        ckpt.load_checkpoint(run.acc, path, run.ema)
+    assert "\n" not in str(err.value) and name in str(err.value) and str(path) in str(err.value)
+    after = run.weights()
+    assert all(torch.equal(after[k], moved[k]) for k in after) and not all(torch.equal(after[k], before[k])
+                                                                           for k in after)
+
+
+def test_a_folder_that_is_not_a_checkpoint(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    assert ckpt.validate_checkpoint(tmp_path) == [f"{tmp_path}: not a checkpoint folder (none of trainer_state.json, "
+                                                  f"ip-adapter.bin, model.safetensors, optimizer.bin)"]
+    assert ckpt.validate_checkpoint(tmp_path / "nope") == [f"{tmp_path / 'nope'}: not a folder"]
+    with pytest.raises(CheckpointError, match="not a checkpoint folder"):
+        ckpt.resolve_resume(tmp_path, str(tmp_path))
+
+
+def test_num_tokens_differing_from_the_checkpoint(tmp_path):
+    path = Run(tmp_path / "out", num_tokens=8).save(1)
+    other = Run(tmp_path / "other", num_tokens=4)
+    with pytest.raises(CheckpointError) as err:
+        ckpt.load_checkpoint(other.acc, path, other.ema)
+    msg = str(err.value)
+    assert "\n" not in msg and "model.safetensors" in msg and "--num_tokens" in msg, msg
+
+
+def test_load_restores_weights_optimizer_scheduler_and_ema(run):
+    run.train(3)
+    path = run.save()
+    saved, ema, lr = run.weights(), {k: v.clone() for k, v in run.ema.shadow.items()}, run.scheduler.get_last_lr()
+    opt_steps = [s["step"].item() for s in run.optimizer.state_dict()["state"].values()]
+    run.train(2)
+    state = ckpt.load_checkpoint(run.acc, path, run.ema)
+    assert state["global_step"] == 3 and run.ema.num_updates == 3
+    assert all(torch.equal(run.weights()[k], saved[k]) for k in saved)
+    assert all(torch.equal(run.ema.shadow[k], ema[k]) for k in ema)
+    assert run.scheduler.get_last_lr() == lr and run.scheduler.last_epoch == 3
+    assert [s["step"].item() for s in run.optimizer.state_dict()["state"].values()] == opt_steps == [3.0] * len(
+        opt_steps)
+
+
+def test_latest_falls_back_to_the_newest_intact_checkpoint(run):
+    for _ in range(3):
+        run.train()
+        run.save()
+    _truncate(run.out / "checkpoint-3" / "optimizer.bin")
+    notes = []
+    assert ckpt.resolve_resume(run.out, "latest", expect_ema=True, log=notes.append) == run.out / "checkpoint-2"
+    assert len(notes) == 1 and "checkpoint-3" in notes[0] and "optimizer.bin: truncated" in notes[0], notes
+    assert "using checkpoint-2" in notes[0]
+    (run.out / "checkpoint-2" / "model.safetensors").unlink()
+    (run.out / "checkpoint-1" / "trainer_state.json").write_text("[]")
+    with pytest.raises(CheckpointError) as err:
+        ckpt.resolve_resume(run.out, "latest", expect_ema=True, log=notes.append)
+    msg = str(err.value)
+    assert "no usable checkpoint" in msg and "checkpoint-3: optimizer.bin" in msg
+    assert "checkpoint-2: model.safetensors: missing" in msg and "checkpoint-1: trainer_state.json" in msg
+
+
+def test_latest_without_checkpoints_starts_fresh_with_a_note(tmp_path):
+    notes = []
+    assert ckpt.resolve_resume(tmp_path, "latest", log=notes.append) is None
+    assert notes == [f"--resume_from_checkpoint latest: no checkpoint in {tmp_path}, starting fresh"]
+    assert ckpt.resolve_resume(tmp_path, None, log=notes.append) is None and len(notes) == 1
