@@ -180,7 +180,8 @@ def _truncation_notes(model: Calligrapher, max_sequence_length: int) -> Truncati
     """One :class:`TruncationNotes` per model and prompt length (so each record is named once per run)."""
     notes = getattr(model, "_truncation_notes", None)
     if notes is None or notes.max_sequence_length != max_sequence_length:
-        notes = TruncationNotes(model.pipe.tokenizer_2, max_sequence_length)
+        notes = TruncationNotes(model.pipe.tokenizer_2, max_sequence_length,
+                                emit=lambda message: print(f"warning: {message}", file=sys.stderr))
         model._truncation_notes = notes
     return notes
 

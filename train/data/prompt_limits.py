@@ -35,10 +35,12 @@ def truncation_warning(record: str, text: str, tokenizer, max_sequence_length: i
 
 
 class TruncationNotes:
-    """Warn (``logging``, once per record id and text) about prompts that will be cut."""
+    """Warn once per record id and text about prompts that will be cut, through ``emit``
+    (default: this module's logger)."""
 
-    def __init__(self, tokenizer, max_sequence_length: int):
+    def __init__(self, tokenizer, max_sequence_length: int, emit=None):
         self.tokenizer, self.max_sequence_length = tokenizer, int(max_sequence_length)
+        self.emit = emit or logger.warning
         self._seen: set[tuple[str, str]] = set()
 
     def check(self, record_id: str, text: str) -> None:
@@ -47,7 +49,7 @@ class TruncationNotes:
         self._seen.add((record_id, text))
         message = truncation_warning(f"record {record_id!r}", text, self.tokenizer, self.max_sequence_length)
         if message:
-            logger.warning(message)
+            self.emit(message)
 
 
 @contextmanager

@@ -158,3 +158,36 @@ def test_base_model_column_scored_by_a_reward_server(tiny_models, inputs, tmp_pa
             local = scorer.score_batch([item])[0].score
             assert output["scores"]["background"] == pytest.approx(local, abs=1e-9)
             assert output["reward"] == pytest.approx(local, abs=1e-9)
+
+
+def test_default_reward_weights_are_trainings_and_the_report_says_so(evaluation):
+    from train.config import TrainConfig
+    from train.rewards.base import parse_reward_weights
+
+    metrics = json.loads((evaluation / "metrics.json").read_text())
+    assert metrics["reward_weights"] == pytest.approx(parse_reward_weights(TrainConfig().reward_weights))
+    assert metrics["reward_weights_note"] == "training's default --reward_weights"
+    assert "(training&#x27;s default --reward_weights)" in (evaluation / "report.html").read_text(encoding="utf-8")
+
+
+def test_other_reward_weights_are_labelled_as_such():
+    parser = evaluate.build_parser()
+    base = ["--pretrained_model_name_or_path", "f", "--siglip_path", "s", "--data", "d", "--output_dir", "o"]
+    weights, note = evaluate.reward_weights(parser.parse_args(base + ["--scorers", "ocr,background"]))
+    assert weights == {"ocr": 0.5, "background": 0.5}
+    assert note == "equal weights over --scorers; training's default is ocr=0.7,style=0.2,background=0.1"
+    _, note = evaluate.reward_weights(parser.parse_args(base + ["--reward_weights", "ocr=0.7,style=0.2,background=0.1"]))
+    assert note == "--reward_weights, the same as training's default"
+
+
+def test_output_dir_that_is_a_file_is_one_line(tiny_models, inputs, tmp_path, capsys):
+    blocker = tmp_path / "out"
+    blocker.write_text("x")
+    with pytest.raises(SystemExit) as code:
+        evaluate.main(_argv(tiny_models, inputs, blocker, "--no_adapter"))
+    err = capsys.readouterr().err
+    assert code.value.code == 2 and f"--output_dir {blocker} is a file, not a folder" in err
+    assert "Traceback" not in err
+    with pytest.raises(SystemExit):
+        evaluate.main(_argv(tiny_models, inputs, blocker / "sub", "--no_adapter"))
+    assert f"--output_dir {blocker / 'sub'} lies under {blocker}, which is a file" in capsys.readouterr().err

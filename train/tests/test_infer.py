@@ -171,3 +171,150 @@ def test_export_round_trips_both_layouts(checkpoint, tmp_path):
         export.export(ours, ours, layout="ours")
     with pytest.raises(AdapterFileError, match="--ema needs a checkpoint-N folder"):
         export.resolve_adapter_file(official, ema=True)
+
+
+# ---------------------------------------------------------------------- command-line errors and papercuts
+def _one_sample(dataset, tmp_path, output) -> list[str]:
+    rec = json.loads(dataset.read_text().splitlines()[0])
+    ref = ["--ref", str(dataset.parent / rec["ref"])] if rec.get("ref") else []
+    return ["--source", str(dataset.parent / rec["source"]), "--mask", str(dataset.parent / rec["mask"]),
+            "--text", rec["text"], "--output", str(output), *ref]
+
+
+@pytest.mark.parametrize("output, message", [
+    ("out.xyz", "--output {}: '.xyz' image extension; use one of .png"),
+    ("out", "--output {}: no image extension; use one of .png"),
+    (".", "--output {} is a folder; give an image file name"),
+])
+def test_bad_output_path_is_one_line_before_anything_loads(dataset, tmp_path, capsys, output, message):
+    target = tmp_path if output == "." else tmp_path / output
+    argv = ["--pretrained_model_name_or_path", str(tmp_path / "no-model"), "--siglip_path", str(tmp_path / "no-siglip"),
+            "--no_adapter", *_one_sample(dataset, tmp_path, target)]
+    with pytest.raises(SystemExit) as code:
+        infer.main(argv)  # the model folders do not exist: reaching them would fail differently
+    err = capsys.readouterr().err
+    assert code.value.code == 2 and message.format(target) in err and "Traceback" not in err
+    assert not (tmp_path / "no-model").exists()
+
+
+def test_export_to_a_folder_is_one_line(checkpoint, tmp_path, capsys):
+    assert export.main(["--checkpoint", str(checkpoint), "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --out {tmp_path} is a folder; give a file name such as ") and err.count("\n") == 1
+
+
+def test_export_read_back_compares_values(checkpoint):
+    state = read_adapter_file(checkpoint / "ip-adapter.bin")
+    assert export.same_weights(state, read_adapter_file(checkpoint / "ip-adapter.bin"))
+    changed = {p: {k: v.clone() for k, v in part.items()} for p, part in state.items()}
+    key = next(iter(changed["ip_adapter"]))
+    changed["ip_adapter"][key].view(-1)[3] += 1e-3  # same keys, same shapes, one value differs
+    assert not export.same_weights(state, changed)
+    halved = {p: {k: v.to(torch.bfloat16) for k, v in part.items()} for p, part in state.items()}
+    assert not export.same_weights(state, halved)
+
+
+def test_adapter_files_get_the_usual_permissions(checkpoint, tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "calligrapher.bin"
+        export.export(checkpoint, out)
+        save_adapter_file(read_adapter_file(out), tmp_path / "ip-adapter.bin")
+        (tmp_path / "plain.txt").write_text("x")
+    finally:
+        os.umask(old)
+    for name in ("calligrapher.bin", "ip-adapter.bin", "plain.txt"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644, name
+
+
+def test_no_adapter_output_is_the_base_flux_fill_pipeline(tiny_models, dataset, tmp_path):
+    """``infer --no_adapter`` writes exactly what diffusers' FluxFillPipeline (with its own attention
+    processors) makes of the same prepared canvas and seed, cropped and resized back."""
+    from diffusers import FluxFillPipeline
+
+    from train.data.preprocess import to_output_image
+
+    out = tmp_path / "base.png"
+    argv = ["--pretrained_model_name_or_path", str(tiny_models["flux"]), "--siglip_path", str(tiny_models["siglip"]),
+            "--no_adapter", "--seed", "9", *_one_sample(dataset, tmp_path, out), *FAST]
+    assert infer.main(argv) == 0
+    sample = CalligraphyDataset(load_records(dataset), resolution=64)[0]
+    pipe = FluxFillPipeline.from_pretrained(tiny_models["flux"])
+    pipe.set_progress_bar_config(disable=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        ref = pipe(prompt=prompt_for(sample.text), image=sample.image[None], mask_image=sample.mask[None],
+                   height=sample.image.shape[1], width=sample.image.shape[2], num_inference_steps=2,
+                   guidance_scale=30.0, generator=[torch.Generator().manual_seed(9)], max_sequence_length=32,
+                   output_type="pt").images[0]
+    want = np.asarray(to_output_image(ref * 2 - 1, sample))
+    got = _pixels(out)
+    assert got.shape == want.shape
+    assert np.array_equal(got, want)
+
+
+def test_ema_suffix_equals_the_ema_flag(tiny_models, checkpoint, dataset, tmp_path):
+    base = _model_args(tiny_models, checkpoint)
+    assert infer.main(base + ["--ema"] + _one_sample(dataset, tmp_path, tmp_path / "flag.png") + FAST) == 0
+    base[-1] = f"{checkpoint}@ema"
+    assert infer.main(base + _one_sample(dataset, tmp_path, tmp_path / "suffix.png") + FAST) == 0
+    assert np.array_equal(_pixels(tmp_path / "flag.png"), _pixels(tmp_path / "suffix.png"))
+
+
+def test_help_names_the_module_and_the_ema_suffix():
+    from train import evaluate
+
+    for module, parser in (("train.infer", infer.build_parser()), ("train.evaluate", evaluate.build_parser())):
+        text = parser.format_help()
+        assert text.startswith(f"usage: python -m {module} ")
+        assert "@ema" in text and "ip-adapter-ema.bin" in text
+
+
+def test_shared_flags_have_one_definition():
+    from train import evaluate, verify
+
+    parsers = {"infer": infer.build_parser(), "evaluate": evaluate.build_parser(), "verify": verify.build_parser()}
+
+    def spec(parser, flag):
+        a = parser._option_string_actions[flag]
+        return a.help.split("; give it once")[0], a.type, a.choices
+
+    for flag in ("--pretrained_model_name_or_path", "--siglip_path", "--ip_adapter_path", "--ema", "--num_tokens"):
+        assert len({spec(p, flag) for p in parsers.values()}) == 1, flag
+    for flag in ("--resolution", "--reference_strip_height", "--num_inference_steps", "--guidance_scale", "--seed",
+                 "--dtype", "--max_sequence_length"):
+        a, b = (parsers[n]._option_string_actions[flag] for n in ("infer", "evaluate"))
+        assert (a.help, a.default, a.type, a.choices) == (b.help, b.default, b.type, b.choices), flag
+
+
+def test_long_text_warns_once_naming_the_record(model, samples, capfd):
+    import logging
+    from dataclasses import replace
+
+    records = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    noisy = [logging.getLogger(n) for n in ("diffusers.pipelines.flux.pipeline_flux_fill",
+                                             "transformers.tokenization_utils_base")]
+    keep = Keep()
+    for lg in noisy:
+        lg.addHandler(keep)
+    long = replace(samples[1], id="long-one", text="x" * 5000)
+    capfd.readouterr()
+    try:
+        for _ in range(2):
+            infer.generate(model, [long, samples[0]], num_inference_steps=1, max_sequence_length=32)
+    finally:
+        for lg in noisy:
+            lg.removeHandler(keep)
+    err = capfd.readouterr().err
+    assert err.count("record 'long-one': text of 5000 characters") == 1, err[:500]
+    assert "T5 tokens" in err and "only the first 32 are used" in err
+    assert "xxxxxxxxxx" not in err and len(err) < 2000
+    assert not [m for m in records if "truncated" in m], records[:1]  # no per-call dump of the cut-off text
