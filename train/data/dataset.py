@@ -340,7 +340,8 @@ def main(argv=None) -> None:
     import argparse
     import sys
 
-    p = argparse.ArgumentParser(description="Validate a Calligrapher training dataset (.json, .jsonl or benchmark dir).")
+    p = argparse.ArgumentParser(prog="python -m train.data.dataset",
+                                description="Validate a Calligrapher dataset (.json, .jsonl or benchmark dir).")
     p.add_argument("path", type=Path)
     p.add_argument("--resolution", type=int, default=512, help="also check masks survive resizing to this size")
     args = p.parse_args(argv)

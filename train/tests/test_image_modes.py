@@ -63,7 +63,7 @@ def test_16bit_modes_from_bytes(mode):
 
 def test_16bit_rgb_png_matches_16bit_gray_of_same_samples():
     img = png16(np.stack([GRAY16, GRAY16[:, ::-1], np.full_like(GRAY16, 0x1234)], axis=-1), color_type=2)
-    assert img.mode == "RGB"  # Pillow 13 keeps the high bytes itself
+    assert img.mode == "RGB"  # Pillow (12.3 and 13.0) keeps the high bytes itself
     expected = np.stack([GRAY16_8, GRAY16_8[:, ::-1], np.full_like(GRAY16_8, 0x12)], axis=-1)
     np.testing.assert_array_equal(rgb(img), expected)
 
