@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create (or reuse) the project's virtual environment and the system packages it needs.
 #   bash scripts/setup.sh            python packages + CJK font
-#   bash scripts/setup.sh --test     also what the test suite uses (tesseract, headless chromium)
+#   bash scripts/setup.sh --test     also what the test suite uses (tesseract, headless chromium; the
+#                                    web-app test drives that chromium with Playwright: no browser download)
 # Safe to run again: it only installs what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."

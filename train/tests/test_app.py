@@ -423,6 +423,13 @@ def test_browser_compares_two_adapters_with_scores(files, served, tmp_path, monk
             page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
             results = [np.asarray(Image.open(io.BytesIO(page.locator(f"#result-{i} img").screenshot())))
                        for i in range(2)]
+
+            # An example from --examples fills the inputs (this one has no reference: self-reference).
+            page.locator("table tbody tr").nth(1).click()
+            page.wait_for_function("t => document.querySelector('#text textarea').value === t",
+                                   arg=files["records"][1]["text"], timeout=10_000)
+            page.locator("#reference img").wait_for(state="detached", timeout=10_000)  # the old reference is cleared
+            assert page.locator("#mask img").count() == 1
         finally:
             browser.close()
     page_pixels = _pixels(tmp_path / "page.png").astype(np.float64)
