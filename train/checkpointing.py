@@ -263,12 +263,9 @@ def _archive_problem(file: Path) -> str | None:
     if size == 0:
         return "empty (0 bytes)"
     try:
-        with zipfile.ZipFile(file) as z:
-            infos = z.infolist()
+        zipfile.ZipFile(file).close()
     except (zipfile.BadZipFile, OSError):
         return f"truncated or not a torch archive ({size} bytes, no zip directory)"
-    if not infos or any(i.header_offset + i.compress_size > size for i in infos):
-        return f"truncated ({size} bytes)"
     if size <= _FULL_LOAD_BYTES:
         import torch
 
@@ -294,7 +291,8 @@ def _safetensors_problems(file: Path, model_shapes: dict | None) -> list[str]:
         except (ValueError, KeyError, TypeError, IndexError):
             return ["header is not valid safetensors JSON"]
     if 8 + n + end != size:
-        return [f"truncated ({size} bytes, the header describes {8 + n + end})"]
+        return [f"{'truncated' if size < 8 + n + end else 'has trailing bytes'} ({size} bytes, "
+                f"the header describes {8 + n + end})"]
     if model_shapes is None:
         return []
     saved = {k: tuple(v.get("shape", ())) for k, v in tensors.items()}
@@ -399,6 +397,8 @@ MUST_MATCH = {
     "adam_weight_decay": "the restored optimizer state keeps the saved value",
     "adam_epsilon": "the restored optimizer state keeps the saved value",
     "use_8bit_adam": "the optimizer state has another format",
+    "use_rl": "the checkpoint's phases and RL state (reference copy, RL epoch) follow it",
+    "rl_method": "the RL state (reference and old copies, epoch layout) belongs to that method",
 }
 FREE = {  # bookkeeping, paths and speed/memory switches: no effect on what is learned
     "output_dir", "resume_from_checkpoint", "overwrite_output_dir", "checkpointing_steps",

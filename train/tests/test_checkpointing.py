@@ -181,6 +181,17 @@ def _truncate(path, keep: float = 0.5):
     path.write_bytes(data[: int(len(data) * keep)])
 
 
+def _garble_pickle(path):
+    """Rewrite a torch archive with a broken pickle inside and an intact zip structure."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        members = [(info, z.read(info)) for info in z.infolist()]
+    with zipfile.ZipFile(path, "w") as z:
+        for info, data in members:
+            z.writestr(info, b"\x80\x02garbage" if info.filename.endswith("data.pkl") else data)
+
+
 DAMAGE = {
     "truncated optimizer": ("optimizer.bin", lambda d: _truncate(d / "optimizer.bin"), "truncated"),
     "missing optimizer": ("optimizer.bin", lambda d: (d / "optimizer.bin").unlink(), "missing"),
@@ -193,6 +204,17 @@ DAMAGE = {
                             "truncated"),
     "truncated scheduler.bin": ("scheduler.bin", lambda d: (d / "scheduler.bin").write_bytes(
         (d / "custom_checkpoint_0.pkl").read_bytes()[:300]), "truncated"),
+    "empty optimizer": ("optimizer.bin", lambda d: (d / "optimizer.bin").write_bytes(b""), "empty"),
+    "model truncated inside its header": ("model.safetensors", lambda d: _truncate(d / "model.safetensors", 0.001),
+                                          "truncated"),
+    "model with trailing bytes": ("model.safetensors", lambda d: (d / "model.safetensors").write_bytes(
+        (d / "model.safetensors").read_bytes() + b"\0" * 8), "trailing bytes"),
+    "garbage pickle in an intact archive": ("custom_checkpoint_0.pkl", lambda d: _garble_pickle(
+        d / "custom_checkpoint_0.pkl"), "unreadable"),
+    "trainer state without a position": ("trainer_state.json", lambda d: (d / "trainer_state.json").write_text(
+        json.dumps({"global_step": 2, "epoch": 0, "global_batch": 1, "ema_num_updates": 2})), "['position']"),
+    "trainer state that is a list": ("trainer_state.json", lambda d: (d / "trainer_state.json").write_text("[2]"),
+                                     "not a JSON object"),
     "garbage trainer state": ("trainer_state.json", lambda d: (d / "trainer_state.json").write_text("{not json"),
                               "not valid JSON"),
     "trainer state of another step": ("trainer_state.json", lambda d: (d / "trainer_state.json").write_text(
@@ -281,3 +303,103 @@ def test_latest_without_checkpoints_starts_fresh_with_a_note(tmp_path):
     assert ckpt.resolve_resume(tmp_path, "latest", log=notes.append) is None
     assert notes == [f"--resume_from_checkpoint latest: no checkpoint in {tmp_path}, starting fresh"]
     assert ckpt.resolve_resume(tmp_path, None, log=notes.append) is None and len(notes) == 1
+
+
+def test_only_complete_checkpoints_are_listed(run):
+    run.save(1)
+    run.save(2)
+    (run.out / "checkpoint-2" / ckpt.ADAPTER_FILE).unlink()
+    (run.out / "checkpoint-3").mkdir()
+    (run.out / "checkpoint-3" / ckpt.ADAPTER_FILE).write_bytes(b"x")
+    (run.out / "checkpoint-x").mkdir()
+    assert steps(run.out) == [1, 2, 3]
+    assert [s for s, _ in ckpt.list_checkpoints(run.out)] == [1]
+    assert ckpt.latest_checkpoint(run.out) == run.out / "checkpoint-1"
+    assert ckpt.latest_checkpoint(run.out / "nothing") is None
+
+
+# ---------------------------------------------------------------------------- flags on resume
+BASE = {"model_type": "flux", "num_tokens": 8, "learning_rate": 1e-4, "lr_scheduler": "cosine", "lr_warmup_steps": 0,
+        "gradient_accumulation_steps": 2, "max_train_steps": 100, "mixed_precision": "no", "use_ema": True,
+        "train_batch_size": 2, "masked_loss_weight": 1.0, "output_dir": "a", "checkpointing_steps": 10,
+        "adam_epsilon": 1e-8, "seed": 0, "use_8bit_adam": False}
+
+
+def flags(saved_step=50, saved=BASE, **changes):
+    return ckpt.check_resume_flags(dict(saved), dict(BASE, **changes), saved_step)
+
+
+def test_unchanged_flags_pass_silently():
+    assert flags() == ([], [])
+    assert flags(output_dir="b", checkpointing_steps=5, report_to="none") == ([], [])  # bookkeeping only
+
+
+PAIRS = {"model_type": ("flux", "sd3"), "lr_scheduler": ("cosine", "linear"), "use_8bit_adam": (False, True),
+         "use_rl": (False, True), "rl_method": ("grpo", "nft")}
+
+
+@pytest.mark.parametrize("key", sorted(ckpt.MUST_MATCH))
+def test_flags_the_restored_state_would_ignore_are_errors(key):
+    old, new = PAIRS.get(key, (BASE.get(key, 0.9), 3))
+    saved = dict(BASE, **{key: old})
+    notes, errors = ckpt.check_resume_flags(saved, dict(saved, **{key: new}), 50)
+    assert notes == [] and len(errors) == 1
+    assert errors[0].startswith(f"--{key} {new} differs from the checkpoint's {old}: {ckpt.MUST_MATCH[key]}. ")
+    assert f"Resume with --{key} {old}" in errors[0] and "--initial_ip_adapter_path" in errors[0]
+
+
+def test_new_learning_rate_with_a_new_schedule_names_both():
+    notes, errors = flags(learning_rate=1e-3, lr_scheduler="constant")
+    assert [e.split(" ")[0] for e in errors] == ["--learning_rate", "--lr_scheduler"] and notes == []
+
+
+def test_max_train_steps_against_the_checkpoint_step():
+    notes, errors = flags(max_train_steps=40)
+    assert errors == ["--max_train_steps 40 is below the checkpoint's step 50: a run cannot go back; raise "
+                      "--max_train_steps or resume from an earlier checkpoint"]
+    notes, errors = flags(max_train_steps=50)
+    assert errors == [] and "--max_train_steps 50 equals the checkpoint's step: nothing left to train" in notes
+    notes, errors = flags(max_train_steps=200)
+    assert errors == [] and notes == ["--max_train_steps 100 -> 200: the cosine LR schedule now spans 200 steps, "
+                                      "so the learning rate jumps here"]
+    constant = dict(BASE, lr_scheduler="constant")
+    assert ckpt.check_resume_flags(constant, dict(constant, max_train_steps=200), 50) == (
+        ["--max_train_steps 100 -> 200"], [])
+    assert flags(saved_step=None, max_train_steps=1)[1] == []
+
+
+def test_other_changes_are_notes():
+    notes, errors = flags(masked_loss_weight=2.0, use_ema=False, train_batch_size=1, mixed_precision="bf16",
+                          new_flag=1)
+    assert errors == []
+    assert sorted(notes) == ["--masked_loss_weight changed from 1.0 to 2.0; the new value applies from here on",
+                             "--mixed_precision changed from no to bf16; the new value applies from here on",
+                             "--train_batch_size 2 -> 1 (the global batch must stay the same)",
+                             "--use_ema is off: the checkpoint's EMA weights are not carried on"]
+
+
+def test_fp16_needs_a_loss_scaler_state():
+    notes, errors = flags(mixed_precision="fp16")
+    assert errors == ["--mixed_precision fp16 differs from the checkpoint's no: it holds no fp16 loss-scaler state. "
+                      "Resume with --mixed_precision no"]
+
+
+def test_a_checkpoint_without_saved_flags():
+    assert ckpt.check_resume_flags(None, BASE, 50) == (["the checkpoint holds no saved flags, so they cannot be "
+                                                        "compared"], [])
+    assert ckpt.check_resume_flags(None, dict(BASE, max_train_steps=10), 50)[1][0].startswith("--max_train_steps 10")
+
+
+def test_load_checkpoint_checks_flags_before_loading_anything(run):
+    run.train(2)
+    path = run.save(config=BASE)
+    run.train()
+    moved = run.weights()
+    with pytest.raises(CheckpointError, match=r"--learning_rate 0.001 differs") as err:
+        ckpt.load_checkpoint(run.acc, path, run.ema, config=dict(BASE, learning_rate=1e-3))
+    assert "\n" not in str(err.value)
+    assert all(torch.equal(v, moved[k]) for k, v in run.weights().items())
+    notes = []
+    state = ckpt.load_checkpoint(run.acc, path, run.ema, config=dict(BASE, seed=1), log=notes.append)
+    assert state["global_step"] == 2 and state["config"] == BASE
+    assert notes == ["resuming from checkpoint-2: --seed changed from 0 to 1; the new value applies from here on"]

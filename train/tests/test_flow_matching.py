@@ -134,5 +134,7 @@ def test_loss_ignores_zero_weight_tokens_and_is_float32():
     assert flow_matching_loss(moved, target, weights).item() == base.item()
     moved[:, 0] += 1
     assert flow_matching_loss(moved, target, weights).item() > base.item()
-    assert flow_matching_loss(pred.bfloat16(), target.bfloat16(), weights).dtype == torch.float32
+    low = flow_matching_loss(pred.bfloat16(), target.bfloat16(), weights)
+    assert low.dtype == torch.float32  # bf16 predictions are compared in float32, not rounded to bf16 first
+    assert low.item() == flow_matching_loss(pred.bfloat16().float(), target.bfloat16().float(), weights).item()
     assert torch.isfinite(flow_matching_loss(pred, target, torch.zeros(2, 5)))
