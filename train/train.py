@@ -22,6 +22,8 @@ def main(argv=None) -> int:
     from .models.checkpoint_io import AdapterFileError
     from .trainer import Trainer
 
+    from .rl_ip.reward import RewardError
+
     trainer = Trainer(cfg)
     try:
         trainer.setup()
@@ -31,7 +33,9 @@ def main(argv=None) -> int:
     except (ConfigError, AdapterFileError) as exc:  # known only once set-up began (e.g. FSDP + EMA)
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    from .rl_ip.reward import RewardError
+    except RewardError as exc:
+        print(f"error: --reward_server_url: {exc}", file=sys.stderr)
+        return 3
 
     try:
         trainer.run()

@@ -89,6 +89,8 @@ class Trainer:
         self.position = 0  # global micro-batches already consumed in the current epoch
         self.rl = RLRunState()
         self.monitor = None
+        self.history: list[tuple[int, dict[str, float]]] = []  # every logged (step, metrics), for tests and tools
+        self._notes: list[str] = []  # start-up lines for the console and train_log.txt once the monitor exists
         self._checkpoint_due = False
 
     # ------------------------------------------------------------------ set-up
@@ -109,6 +111,7 @@ class Trainer:
             raise ConfigError(f"--train_batch_size {cfg.train_batch_size} x {acc.num_processes} processes = "
                               f"{self.global_batch} rollout images per batch is not a multiple of "
                               f"--rl_num_images_per_prompt {cfg.rl_num_images_per_prompt}")
+        self._check_reward_service()
         resume_path = self._prepare_output_dir(out)
 
         torch.manual_seed(cfg.seed)  # the fresh adapter's initial weights
@@ -149,6 +152,8 @@ class Trainer:
 
         self._resume(resume_path)
         self.monitor = RunMonitor(acc, out, cfg.to_dict(), cfg.report_to, cfg.max_train_steps, self.global_step)
+        for note in self._notes:
+            self.monitor.line(note)
         if resume_path is not None:
             self.monitor.line(f"resumed from {resume_path} at global_step {self.global_step}")
         report = self.model.parameter_report()
@@ -160,38 +165,37 @@ class Trainer:
     def _prepare_output_dir(self, out: Path) -> Path | None:
         """Create OUTPUT_DIR, clear interrupted writes, refuse to mix a fresh run with old checkpoints.
 
-        Returns the checkpoint to resume from (None = fresh start). Runs after data validation, so a
-        rejected dataset leaves no empty folder behind.
+        Returns the validated checkpoint to resume from (None = fresh start). Runs after data
+        validation, so a rejected dataset leaves no empty folder behind.
         """
         cfg, acc = self.cfg, self.accelerator
-        resume = None
+        removed = ckpt.prepare_output_dir(out, cfg.resume_from_checkpoint, cfg.overwrite_output_dir,
+                                          remove=acc.is_main_process)
+        acc.wait_for_everyone()
         if acc.is_main_process:
             out.mkdir(parents=True, exist_ok=True)
+            if removed:
+                print(f"--overwrite_output_dir: deleted {len(removed)} item(s) of the previous run in {out}",
+                      flush=True)
             for stale in ckpt.remove_partial(out):
-                print(f"removed an incomplete checkpoint left by an interrupted write: {stale}", flush=True)
+                self._notes.append(f"removed an incomplete checkpoint left by an interrupted write: {stale}")
         acc.wait_for_everyone()
-        existing = ckpt.list_checkpoints(out)
-        if not cfg.resume_from_checkpoint and existing:
-            if not cfg.overwrite_output_dir:
-                raise ConfigError(f"--output_dir {out} already holds {len(existing)} checkpoint(s) (newest "
-                                  f"{existing[-1][1].name}); continue it with --resume_from_checkpoint latest, "
-                                  "use another --output_dir, or pass --overwrite_output_dir to delete them")
-            acc.wait_for_everyone()
-            if acc.is_main_process:
-                import shutil
+        return ckpt.resolve_resume(out, cfg.resume_from_checkpoint, expect_ema=cfg.use_ema,
+                                   log=self._notes.append)
 
-                for _, path in existing:
-                    shutil.rmtree(path)
-                print(f"--overwrite_output_dir: deleted {len(existing)} old checkpoint(s) in {out}", flush=True)
-            acc.wait_for_everyone()
-        if cfg.resume_from_checkpoint:
-            if cfg.resume_from_checkpoint == "latest":
-                resume = ckpt.latest_checkpoint(out)
-                if resume is None:
-                    print(f"--resume_from_checkpoint latest: no checkpoint in {out}, starting fresh", flush=True)
-            else:
-                resume = Path(cfg.resume_from_checkpoint)
-        return resume
+    def _check_reward_service(self) -> None:
+        """With ``--reward_server_url``, wait for the servers' health (and their scorers) before any
+        training, so a wrong URL or a missing scorer fails in seconds, not after the warm-up."""
+        cfg, acc = self.cfg, self.accelerator
+        if not (cfg.use_rl and cfg.reward_server_url):
+            return
+        from .rl_ip.reward import RemoteReward
+
+        weights = [cfg.reward_weights] + ([cfg.rl_eval_reward_weights] if cfg.rl_eval_reward_weights else [])
+        for spec in weights:
+            with RemoteReward(cfg.reward_server_url, spec, rank=acc.process_index,
+                              world_size=acc.num_processes) as probe:
+                probe.wait_healthy()
 
     def _check_distributed_setup(self) -> None:
         """Refuse combinations accelerate would accept but that cannot work here, before loading anything."""
@@ -237,7 +241,8 @@ class Trainer:
     def _resume(self, path: Path | None) -> None:
         if path is None:
             return
-        state = ckpt.load_checkpoint(self.accelerator, path, self.ema)
+        state = ckpt.load_checkpoint(self.accelerator, path, self.ema, config=self.cfg.to_dict(),
+                                     log=self._notes.append)
         if state["global_batch"] != self.global_batch:
             raise ConfigError(f"{path} was written with a global batch of {state['global_batch']}, this run has "
                              f"{self.global_batch}: the data position cannot be continued exactly")
@@ -330,12 +335,16 @@ class Trainer:
                 metrics["ema/decay"] = decay
         metrics["memory/peak_gb"] = peak_memory_gb(self.accelerator.device)
         if self.global_step % cfg.logging_steps == 0 or self.global_step == cfg.max_train_steps:
-            self.monitor.log(self.global_step, metrics)
+            self.log(metrics)
         self.monitor.advance(1, **(progress or {}))
         if self.global_step % cfg.checkpointing_steps == 0 or self.global_step == cfg.max_train_steps:
             self._checkpoint_due = True
         if checkpoint_now:
             self.maybe_checkpoint()
+
+    def log(self, metrics: dict[str, float]) -> None:
+        self.history.append((self.global_step, dict(metrics)))
+        self.monitor.log(self.global_step, metrics)
 
     def maybe_checkpoint(self) -> Path | None:
         if not self._checkpoint_due:
@@ -381,7 +390,8 @@ class Trainer:
                  "global_batch": self.global_batch, "num_processes": self.accelerator.num_processes,
                  "phase": "rl" if self.rl.start_step is not None else "supervised", "rl_epoch": self.rl.epoch}
         path = ckpt.save_checkpoint(self.accelerator, self.cfg.output_dir, self.global_step, self.adapter, state,
-                                    ema=self.ema, total_limit=self.cfg.checkpoints_total_limit)
+                                    ema=self.ema, total_limit=self.cfg.checkpoints_total_limit,
+                                    config=self.cfg.to_dict())
         self.monitor.line(f"saved {path}")
         return path
 

@@ -273,5 +273,5 @@ class Calligrapher:
         sigmas = self.sigmas(num_steps, shape[1])
         for i in range(num_steps):
             v = self.velocity(latents, sigmas[i], cond, params=params)
-            latents = sde_step_with_logprob(v, sigmas[i], sigmas[i + 1], latents, 0.0)[0].to(self.dtype)
+            latents = sde_step_with_logprob(v, sigmas[i], sigmas[i + 1], latents, 0.0, sigma_max=sigmas[1])[0].to(self.dtype)
         return latents

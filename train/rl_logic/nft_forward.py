@@ -45,7 +45,7 @@ def _per_sample_mean(x: torch.Tensor) -> torch.Tensor:
 
 def nft_loss(x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, v_theta: torch.Tensor, v_old: torch.Tensor,
              v_ref: torch.Tensor, advantages: torch.Tensor, beta: float, adv_mode: str, adv_clip_max: float,
-             kl_beta: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+             kl_beta: float, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """DiffusionNFT loss of one micro-batch at one timestep per sample.
 
     Args:
@@ -53,6 +53,8 @@ def nft_loss(x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, v_theta: torc
             receives gradient; the other tensors are detached.
         t: [B] noise level of x_t (x_t = (1 − t)·x0 + t·ε).
         advantages: [B]. beta: ``--nft_beta`` in (0, 1]. kl_beta: ``--rl_kl_beta``.
+        valid: optional [B] bool; a sample whose reward failed (False) adds nothing to the policy term
+            (its r = 0.5 would still pull v_θ once it differs from v_old). The mean stays over all B.
 
     Returns ``(loss, info)``: loss is a 0-dim float32 tensor, ``policy + kl_beta·KL`` with
     policy = mean_b (r·L⁺ + (1 − r)·L⁻) / β · adv_clip_max, L± = mean((x̂0± − x0)²) / w±,
@@ -87,7 +89,10 @@ def nft_loss(x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, v_theta: torc
         return _per_sample_mean(err**2) / w
 
     loss_pos, loss_neg = weighted_x0_error(v_pos), weighted_x0_error(v_neg)
-    policy = ((r * loss_pos + (1 - r) * loss_neg) / beta * adv_clip_max).mean()
+    per_sample = (r * loss_pos + (1 - r) * loss_neg) / beta * adv_clip_max
+    if valid is not None:
+        per_sample = per_sample * valid.to(per_sample.device, per_sample.dtype)
+    policy = per_sample.mean()
     kl = ((v - v_ref) ** 2).mean()
     loss = policy + kl_beta * kl
     info = {

@@ -91,7 +91,8 @@ def nft_update(trainer, batches, rewards, end: int) -> dict[str, float]:
             idx = order[start:start + cfg.train_batch_size]
             sub = cond.select(idx)
             x0 = x0_all[idx]
-            adv = rewards.advantages[idx].to(acc.device)  # failed rewards: advantage 0
+            adv = rewards.advantages[idx].to(acc.device)
+            valid = rewards.valid[idx].to(acc.device)  # a failed reward trains nothing (KL only)
             for j in range(num_trained):
                 t = sigmas[[levels[i][j] for i in idx]].to(acc.device)
                 noise = torch.stack([torch.randn(x0.shape[1:], generator=gens[i]) for i in idx]).to(x0.device)
@@ -103,7 +104,7 @@ def nft_update(trainer, batches, rewards, end: int) -> dict[str, float]:
                             v_old = model.velocity(x_t, t, sub, params=old)
                             v_ref = model.velocity(x_t, t, sub, params=ref) if ref is not None else v_old
                     loss, info = nft_loss(x0, x_t, t, v_theta, v_old, v_ref, adv, cfg.nft_beta, cfg.nft_adv_mode,
-                                          cfg.rl_adv_clip_max, cfg.rl_kl_beta if ref is not None else 0.0)
+                                          cfg.rl_adv_clip_max, cfg.rl_kl_beta if ref is not None else 0.0, valid=valid)
                     acc.backward(loss)
                     grad_norm = trainer.optimizer_step()
                 infos.append({**info, "loss": loss.detach()})

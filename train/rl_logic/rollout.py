@@ -263,7 +263,7 @@ def evaluate_heldout(trainer, ctx: RLContext) -> dict[str, float] | None:
         vals = [s[name] for _, s in rows if name in s]
         if vals:
             out[f"eval/{name}_mean"] = sum(vals) / len(vals)
-    trainer.monitor.log(trainer.global_step, out)
+    trainer.log(out)
     if acc.is_main_process:
         line = {"global_step": trainer.global_step, "rl_epoch": trainer.rl.epoch, **out}
         with (Path(cfg.output_dir) / "eval_rewards.jsonl").open("a", encoding="utf-8") as f:
@@ -305,7 +305,7 @@ def end_of_epoch(trainer, ctx: RLContext, metrics: dict[str, float], rewards: Ep
     rl.epoch += 1
     metrics = {**rewards.metrics, **metrics, "rl/epoch": rl.epoch,
                **{f"timing/{k}": v for k, v in ctx.timings.items()}}
-    trainer.monitor.log(trainer.global_step, metrics)
+    trainer.log(metrics)
     if cfg.rl_image_log_every and rl.epoch % cfg.rl_image_log_every == 0:
         log_image_grid(trainer, rewards.items)
     last = trainer.global_step >= cfg.max_train_steps

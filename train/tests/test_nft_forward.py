@@ -184,3 +184,17 @@ def test_decay_rejects_unknown_type():
         with pytest.raises(ValueError, match="--nft_decay_type"):
             nft_decay(10, bad)
 
+
+
+def test_failed_samples_add_nothing_to_the_policy_term():
+    torch.manual_seed(0)
+    x0, x_t, v, v_old = (torch.randn(2, 3, 4) for _ in range(4))
+    v = v.requires_grad_()
+    t, adv = torch.tensor([0.3, 0.7]), torch.tensor([1.0, -2.0])
+    both, _ = nft_loss(x0, x_t, t, v, v_old, v_old, adv, 0.5, "normal", 5.0, 0.0)
+    only_first, _ = nft_loss(x0, x_t, t, v, v_old, v_old, adv, 0.5, "normal", 5.0, 0.0,
+                             valid=torch.tensor([True, False]))
+    first_alone, _ = nft_loss(x0[:1], x_t[:1], t[:1], v[:1], v_old[:1], v_old[:1], adv[:1], 0.5, "normal", 5.0, 0.0)
+    assert torch.allclose(only_first, first_alone / 2) and not torch.allclose(only_first, both)
+    only_first.backward()
+    assert torch.all(v.grad[1] == 0) and torch.any(v.grad[0] != 0)

@@ -79,7 +79,9 @@ def test_resume_equals_uninterrupted(tiny_models, data, tmp_path):
         for key in ("exp_avg", "exp_avg_sq", "step"):
             assert torch.equal(sa[key], opt_b["state"][idx][key]), (idx, key)
     sa, sb = (json.loads((p / "trainer_state.json").read_text()) for p in (a, b))
+    config_a, config_b = sa.pop("config"), sb.pop("config")
     assert sa == sb
+    assert {k for k in config_a if config_a[k] != config_b[k]} == {"output_dir", "resume_from_checkpoint"}
 
 
 def test_batch_four_equals_four_accumulated_micro_batches(tiny_models, data, tmp_path):
