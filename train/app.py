@@ -14,13 +14,17 @@ OCR / style / background scores (``--scorers``) and can be downloaded as PNG.
 
 The server listens on loopback only unless ``--host`` says otherwise; any other address needs
 ``--token`` (or ``CALLIGRAPHER_APP_TOKEN``), asked for on a login page. Gradio's telemetry is off.
+
+Page element ids (stable, for browser automation): ``source`` (image editor), ``mask``, ``reference``,
+``text``, ``seed``, ``steps``, ``guidance``, ``scale``, ``run``, ``status``, and per column ``i``
+``result-i`` and ``scores-i``.
 """
 
 from __future__ import annotations
 
 import os
 
-os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported: no telemetry, no version check
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported: no telemetry, no version check
 
 import argparse  # noqa: E402
 import hmac  # noqa: E402
@@ -39,7 +43,8 @@ LOOPBACK_NAMES = ("localhost",)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m train.app", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(parser, multiple_adapters=True)
     parser.add_argument("--label", action="append", help="column name per --ip_adapter_path, in order")
     app = parser.add_argument_group("web app")
@@ -97,8 +102,6 @@ def check_args(parser, args) -> None:
             raise ValueError(f"--reward_weights names {missing}, which are not in --scorers {args.scorers}")
     except ValueError as exc:
         parser.error(str(exc))
-    if "style" in names and not args.siglip_path:
-        parser.error("the style scorer needs --siglip_path")
     args.scorer_names = names
 
 
@@ -130,7 +133,7 @@ def format_scores(result) -> str:
     return " · ".join(parts)
 
 
-def make_handler(engine: Engine, read_upload=open_upload):
+def make_handler(engine: Engine):
     """The Generate button: a generator that fills the result columns one by one."""
     n = len(engine.columns)
 
@@ -141,8 +144,8 @@ def make_handler(engine: Engine, read_upload=open_upload):
             source = editor_source(editor.get("background"))
             painted = painted_mask(editor.get("layers") or [], source.size) if source is not None else None
             limits = engine.limits
-            mask = read_upload(mask_file, "mask image", "L", limits)
-            ref = read_upload(ref_file, "reference image", "RGB", limits)
+            mask = open_upload(mask_file, "mask image", "L", limits)
+            ref = open_upload(ref_file, "reference image", "RGB", limits)
             inputs = check_inputs(source, painted, mask, ref, text, limits)
             seed, steps = _int(seed, "seed", 0, 2**63 - 1), _int(steps, "steps", 1, 1000)
             guidance, scale = _float(guidance, "guidance"), _float(scale, "adapter scale")

@@ -104,9 +104,9 @@ def check_inputs(source: Image.Image | None, painted: Image.Image | None, upload
     if source is None:
         raise InputError("upload a source image first")
     check_size(source, "source image", limits)
-    text = (text or "").strip()
-    if not text:
-        raise InputError("type the text to paint")
+    text = text or ""
+    if not text.strip():
+        raise InputError("type the text to paint")  # the text itself goes to the model as typed, as in train.infer
     if len(text) > limits.max_text_length:
         raise InputError(f"the text has {len(text)} characters; at most {limits.max_text_length} are allowed")
     notes = []

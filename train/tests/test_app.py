@@ -388,7 +388,7 @@ def test_browser_compares_two_adapters_with_scores(files, served, tmp_path, monk
             assert examples >= 2, "the examples from --examples are listed"
 
             page.set_input_files("#source input[type=file]", rec["source"])
-            page.wait_for_selector("#source canvas")
+            page.wait_for_function("() => !document.querySelector('#source').innerText.includes('Upload an image')")
             page.fill("#text textarea", "Hello")
             assert "paint the region for the text" in generate(page, "⚠️")
 
@@ -407,6 +407,8 @@ def test_browser_compares_two_adapters_with_scores(files, served, tmp_path, monk
 
             page.set_input_files("#mask input[type=file]", rec["mask"])
             page.set_input_files("#reference input[type=file]", rec["ref"])
+            for uploaded in ("#mask img", "#reference img"):  # uploads finished before Generate
+                page.wait_for_selector(uploaded)
             page.fill("#seed input", "3")
             done = generate(page, "seed 3")
             assert done.startswith("Done: 2 result(s)") and "painted strokes were ignored" in done
