@@ -68,6 +68,7 @@ def evaluation(tiny_models, inputs):
     return out
 
 
+@pytest.mark.slow
 def test_metrics_have_per_sample_and_mean_scores(evaluation):
     metrics = json.loads((evaluation / "metrics.json").read_text())
     assert [c["label"] for c in metrics["checkpoints"]] == ["before", "after"]
@@ -94,6 +95,7 @@ def test_metrics_have_per_sample_and_mean_scores(evaluation):
     assert not np.array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_report_references_existing_images(evaluation):
     html = (evaluation / "report.html").read_text(encoding="utf-8")
     parser = _ImageSources()
@@ -113,6 +115,7 @@ def _chromium(*args, timeout=60) -> subprocess.CompletedProcess:
                               capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (scripts/setup.sh --test installs it)")
 def test_report_renders_in_headless_chromium(evaluation, tmp_path):
     url = (evaluation / "report.html").as_uri()
@@ -131,6 +134,7 @@ def test_report_renders_in_headless_chromium(evaluation, tmp_path):
     assert (saturation > 60).mean() > 0.05
 
 
+@pytest.mark.slow
 def test_base_model_column_scored_by_a_reward_server(tiny_models, inputs, tmp_path):
     """--no_adapter adds the base model; --reward_server_url scores through a real loopback server."""
     from train.reward_server import create_app
@@ -160,6 +164,7 @@ def test_base_model_column_scored_by_a_reward_server(tiny_models, inputs, tmp_pa
             assert output["reward"] == pytest.approx(local, abs=1e-9)
 
 
+@pytest.mark.slow
 def test_default_reward_weights_are_trainings_and_the_report_says_so(evaluation):
     from train.config import TrainConfig
     from train.rewards.base import parse_reward_weights

@@ -74,6 +74,7 @@ def _pixels(path) -> np.ndarray:
         return np.asarray(im.convert("RGB"))
 
 
+@pytest.mark.slow
 def test_generate_is_reproducible_and_independent_of_batch_size(model, samples):
     kwargs = dict(num_inference_steps=2, guidance_scale=30.0, max_sequence_length=32)
     one = infer.generate(model, samples, seed=3, batch_size=1, **kwargs)
@@ -89,6 +90,7 @@ def test_generate_is_reproducible_and_independent_of_batch_size(model, samples):
     torch.testing.assert_close(alone[0], one[1], atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_scale_zero_is_flux_fill_pipeline_with_the_same_seed(model, samples):
     """With the adapter off, generate() is diffusers' FluxFillPipeline for the same seed, bit for bit."""
     s = samples[0]
@@ -104,6 +106,7 @@ def test_scale_zero_is_flux_fill_pipeline_with_the_same_seed(model, samples):
     torch.testing.assert_close((ours + 1) / 2, ref, atol=1e-6, rtol=0)
 
 
+@pytest.mark.slow
 def test_official_export_gives_identical_inference(tiny_models, checkpoint, dataset, tmp_path):
     exported = tmp_path / "calligrapher.bin"
     assert export.main(["--checkpoint", str(checkpoint), "--out", str(exported)]) == 0
@@ -124,6 +127,7 @@ def test_official_export_gives_identical_inference(tiny_models, checkpoint, data
     assert not np.array_equal(outs["folder"], _pixels(tmp_path / "ema.png"))
 
 
+@pytest.mark.slow
 def test_batch_inference_writes_one_output_per_record_at_source_size(tiny_models, checkpoint, dataset, tmp_path):
     out = tmp_path / "outputs"
     argv = _model_args(tiny_models, checkpoint) + ["--data", str(dataset), "--output_dir", str(out),
@@ -290,6 +294,7 @@ def test_shared_flags_have_one_definition():
         assert (a.help, a.default, a.type, a.choices) == (b.help, b.default, b.type, b.choices), flag
 
 
+@pytest.mark.slow
 def test_long_text_warns_once_naming_the_record(model, samples, capfd):
     import logging
     from dataclasses import replace

@@ -71,6 +71,7 @@ def test_style_reaches_single_stream_blocks(calligrapher):
     assert (single_only - no_style).abs().max() > 1e-4
 
 
+@pytest.mark.slow
 def test_gradients_reach_every_trainable_parameter_and_no_frozen_one(calligrapher):
     cond, latents = _batch(calligrapher)
     calligrapher.velocity(latents, 0.6, cond).square().mean().backward()
@@ -133,6 +134,7 @@ def test_style_tokens_shape(calligrapher):
     assert tokens.shape == (3, 8, calligrapher.transformer.config.joint_attention_dim)
 
 
+@pytest.mark.slow
 def test_sampler_matches_flux_fill_pipeline(calligrapher):
     """Conditioning + Euler sampling with the adapter = FluxFillPipeline on the same image, mask and noise."""
     import numpy as np
@@ -165,6 +167,7 @@ def test_sampler_matches_flux_fill_pipeline(calligrapher):
     assert torch.allclose(ours, theirs, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_generation_end_to_end_returns_requested_size(calligrapher):
     cond, _ = _batch(calligrapher, texts=("ok",), size=64)
     latents = calligrapher.sample(cond, num_steps=2, generator=torch.Generator().manual_seed(0))
@@ -197,6 +200,7 @@ def test_adapter_block_count_mismatch_is_an_error(calligrapher):
         wrong.install(calligrapher.transformer)
 
 
+@pytest.mark.slow
 def test_full_size_conditioned_forward_on_meta():
     """FLUX.1-Fill-dev + so400m dimensions (19 + 38 blocks, 24 heads x 128): the style path's shapes line up."""
     from train.models.tiny import build_flux_transformer, build_siglip
@@ -327,6 +331,7 @@ def _restore_attention_backend():
     _AttentionBackendRegistry.set_active_backend(active)
 
 
+@pytest.mark.slow
 def test_attention_backend_reaches_the_style_processors(tiny_models, calligrapher, _restore_attention_backend):
     """``set_attention_backend`` reaches every installed processor and both attention calls use it;
     scale 0 stays bit-exact with diffusers' own processors under the same backend."""
