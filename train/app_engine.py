@@ -136,6 +136,13 @@ class Engine:
         self.limits = limits or Limits()
 
     def prepare(self, inputs: Inputs) -> PreparedSample:
+        """``train.infer``'s preprocessing; a text longer than the T5 prompt adds a note for the page."""
+        from train.data.prompt_limits import truncation_warning
+
+        if self.model.pipe.tokenizer_2 is not None:
+            note = truncation_warning("the text", inputs.text, self.model.pipe.tokenizer_2, self.max_sequence_length)
+            if note and note not in inputs.notes:
+                inputs.notes.append(note)
         try:
             return prepare_inputs(inputs.source, inputs.mask, inputs.text, ref=inputs.ref,
                                   resolution=self.resolution, reference_strip=self.reference_strip,

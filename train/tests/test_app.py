@@ -171,6 +171,20 @@ def test_other_adapters_run_through_params_and_leave_the_model_as_it_was(files, 
     assert flat_params({"image_proj": {"x": 1}, "ip_adapter": {"y": 2}}) == {"image_proj.x": 1, "ip_adapter.y": 2}
 
 
+def test_a_text_longer_than_the_prompt_is_noted(files, served):
+    """--max_sequence_length 32 here: a long text is still run, with a note saying where it is cut."""
+    _, engine = served
+    rec = files["records"][1]
+    with Image.open(rec["source"]) as src, Image.open(rec["mask"]) as m:
+        short = app.check_inputs(src.convert("RGB"), None, m.convert("L"), None, "Hi", engine.limits)
+        long = app.check_inputs(src.convert("RGB"), None, m.convert("L"), None, "word " * 30, engine.limits)
+    engine.prepare(short)
+    engine.prepare(long)
+    assert short.notes == []
+    assert len(long.notes) == 1 and long.notes[0].startswith("the text: text of 150 characters is ")
+    assert "only the first 32 are used" in long.notes[0]
+
+
 # ---------------------------------------------------------------------------- bad input
 def _garbage(path):
     path.write_bytes(b"this is not an image")
