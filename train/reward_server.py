@@ -60,7 +60,7 @@ EXIT_PORT_BUSY = 3
 
 
 @dataclass
-class _Job:
+class Job:
     items: list  # ItemIn as received; each slot is emptied once decoded
     weights: dict[str, float]
     fields: tuple[str, ...]  # the images the weighted scorers read: only these are decoded
@@ -103,7 +103,7 @@ class Batcher:
         with self._lock:
             self._incoming += delta
 
-    def submit(self, job: _Job) -> Future:
+    def submit(self, job: Job) -> Future:
         self._queue.put(job)
         return job.future
 
@@ -136,7 +136,7 @@ class Batcher:
                 n, px = n + len(nxt.items), px + nxt.pixels
             self._process(jobs)
 
-    def _process(self, jobs: list[_Job]) -> None:
+    def _process(self, jobs: list[Job]) -> None:
         try:
             decoded = [[self._decode(job, i) for i in range(len(job.items))] for job in jobs]
             verdicts: dict[tuple[int, int], dict[str, ItemScore]] = {}
@@ -157,7 +157,7 @@ class Batcher:
                 if not job.future.done():
                     job.future.set_exception(exc)
 
-    def _decode(self, job: _Job, i: int):
+    def _decode(self, job: Job, i: int):
         """Item ``i`` of ``job`` -> RewardItem, or RewardResult(error) for an unreadable image."""
         raw: ItemIn = job.items[i]
         job.items[i] = None  # the base64 text is no longer needed
@@ -232,7 +232,7 @@ def create_app(scorers: dict[str, Scorer], token: str | None = None, max_items: 
                       max_pixels=max_pixels, max_request_pixels=max_request_pixels,
                       max_body_bytes=max_body).model_dump()
 
-    def plan(req: ScoreRequest) -> _Job:
+    def plan(req: ScoreRequest) -> Job:
         """Check a parsed request against the limits (413/422) and turn it into a job."""
         if len(req.items) > max_items:
             raise HTTPException(413, f"{len(req.items)} items in one request, above the limit of {max_items}")
@@ -267,7 +267,7 @@ def create_app(scorers: dict[str, Scorer], token: str | None = None, max_items: 
         if total > max_request_pixels:
             raise HTTPException(413, f"the request's images decode to {total} pixels, above the limit of "
                                      f"{max_request_pixels} per request; send fewer or smaller images")
-        return _Job(list(req.items), weights, fields, all(n in CROP_ONLY_SCORERS for n in weights), total, Future())
+        return Job(list(req.items), weights, fields, all(n in CROP_ONLY_SCORERS for n in weights), total, Future())
 
     @app.post("/score")
     async def score(request: Request):

@@ -105,12 +105,12 @@ class OCRScorer(Scorer):
         _, (x0, y0, x1, y1) = mask_region(item)
         w, h = item.image.size
         box = (max(0, x0 - self.pad), max(0, y0 - self.pad), min(w, x1 + self.pad), min(h, y1 + self.pad))
-        return np.ascontiguousarray(np.asarray(to_rgb(item.image.crop(box)))[:, :, ::-1])  # BGR
+        return _bounded_aspect(np.ascontiguousarray(np.asarray(to_rgb(item.image.crop(box)))[:, :, ::-1]))  # BGR
 
     def _recognise(self, crops: list[np.ndarray]) -> list[tuple[str, float]]:
         from rapidocr.ch_ppocr_rec import TextRecInput
 
-        out = self._rec_engine._load_rec_model()(TextRecInput(img=[_bounded_aspect(c) for c in crops]))
+        out = self._rec_engine._load_rec_model()(TextRecInput(img=crops))
         return [(str(t), float(s)) for t, s in zip(out.txts, out.scores)]
 
     def _detect_and_recognise(self, crop: np.ndarray) -> tuple[str, float]:

@@ -62,15 +62,53 @@ def test_server_never_comes_up_errors_within_the_wait():
 
 
 def test_chunked_results_match_ids_and_submit_overlaps():
-    with ServerThread(bg_app()) as srv:
+    with ServerThread(FaultInjector(bg_app(), ["sleep:1"])) as srv:
         fn = client(srv.url, chunk_size=3, max_workers=2)
+        fn.wait_healthy()
         batch = items(10)
-        fut = fn.submit(batch)
+        t0 = time.monotonic()
+        fut = fn.submit(batch)  # returns at once: the caller rolls out while the server scores
+        assert time.monotonic() - t0 < 0.5 and not fut.done()
         res = fut.result(timeout=30)
         assert [r.id for r in res] == [it.id for it in batch]
         assert all(r.reward == pytest.approx(expected(i), abs=1e-6) for i, r in enumerate(res))
         assert fn.stats["requests"] == 4 and fn.stats["retries"] == 0
         fn.close()
+
+
+def test_results_are_matched_by_id_when_the_server_reorders():
+    app = FaultInjector(bg_app(), ["reverse"])
+    with ServerThread(app) as srv:
+        fn = client(srv.url)
+        res = fn(items(5))
+        fn.close()
+    assert app.seen == ["reverse"]
+    assert [r.id for r in res] == [f"i{i}" for i in range(5)]
+    assert [r.reward for r in res] == pytest.approx([expected(i) for i in range(5)], abs=1e-9)
+
+
+def test_only_real_numbers_in_0_1_count_as_scores():
+    bad = [True, False, 1.5, -0.1, 1.0000001, float("nan"), float("inf"), "0.9", None, [0.5]]
+    good = [1, 0, 0.25, 1.0]
+    values = bad + good
+
+    def rewrite(body):
+        for r, v in zip(body["results"], values):
+            r["scores"]["background"] = v
+        return body
+
+    app = FaultInjector(bg_app(), ["rewrite"], rewrite=rewrite)
+    with ServerThread(app) as srv:
+        fn = client(srv.url)
+        res = fn(items(len(values)))
+        fn.close()
+    assert app.seen == ["rewrite"]
+    for r, v in zip(res, bad):
+        assert r.reward is None and r.scores == {}, (v, r)
+        assert r.error.startswith("invalid reply from the reward server: scores.background: Input should be"), (v, r)
+    assert [(r.reward, r.error) for r in res[len(bad):]] == [(1.0, None), (0.0, None), (0.25, None), (1.0, None)]
+    with pytest.raises(RewardError, match=f"{len(bad)}/{len(values)} rewards failed"):
+        apply_failure_policy(res, 0.5)
 
 
 def test_http_500_then_recovery_is_retried():
@@ -170,6 +208,7 @@ def test_cropped_transport_scores_like_in_process(tiny_siglip):
     assert all(r.scores["ocr"] >= 0.9 for r in remote)
 
 
+@pytest.mark.slow
 def test_server_killed_mid_run_fails_cleanly_or_falls_back():
     a, url_a = spawn_server("--scorers", "background")
     b, url_b = spawn_server("--scorers", "background")

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import replace
 
 import httpx
@@ -16,10 +17,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from train.reward_server import create_app
-from train.rewards import BackgroundScorer, OCRScorer, Scorer
+from train.reward_server import Batcher, Job, create_app
+from train.rewards import BackgroundScorer, ContrastScorer, ItemScore, OCRScorer, Scorer
 from train.rewards.codec import encode_png_b64
-from train.rewards.schema import item_json
+from train.rewards.schema import ItemIn, item_json
 from train.tests.reward_helpers import REPO, ServerThread, peak_rss_mb, render_scene, spawn_server
 
 
@@ -225,6 +226,25 @@ class BrokenBatch(Scorer):
         raise ValueError("model at /srv/secret/weights/model.bin\nfailed to load")
 
 
+class NaNDetail(Scorer):
+    """Scores 0.5 and reports a non-finite number among its details."""
+
+    name = "nandetail"
+
+    def _score_batch(self, items):
+        return [ItemScore.ok(0.5, ratio=float("nan"), nested={"x": [1.0, float("inf")]}) for _ in items]
+
+
+def test_non_finite_details_become_null_not_a_500():
+    item = render_scene("", size=(32, 32), box=(4, 4, 28, 28))
+    with ServerThread(create_app({"nandetail": NaNDetail()})) as srv:
+        r = httpx.post(f"{srv.url}/score", json=payload([item]), timeout=30)
+    assert r.status_code == 200 and "NaN" not in r.text and "Infinity" not in r.text
+    assert r.json()["results"][0] == {"id": item.id, "reward": 0.5, "scores": {"nandetail": 0.5},
+                                      "details": {"nandetail": {"ratio": None, "nested": {"x": [1.0, None]}}},
+                                      "error": None}
+
+
 def test_errors_are_one_line_without_tracebacks_or_paths():
     item = render_scene("", size=(32, 32), box=(4, 4, 28, 28))
     with ServerThread(create_app({"patherror": PathError(), "background": BackgroundScorer()})) as srv:
@@ -238,6 +258,82 @@ def test_errors_are_one_line_without_tracebacks_or_paths():
     assert r.json() == {"detail": "scoring failed: ValueError: model at model.bin failed to load"}
 
 
+def test_16_bit_images_are_scaled_not_clipped():
+    arr = np.full((8, 8), 0x2000, dtype=np.uint16)
+    arr[:, 4:] = 0x8000  # 32 and 128 at 8 bits (a clipping conversion makes both 255)
+    image, mask = Image.fromarray(arr), Image.fromarray(np.full((8, 8), 0xFFFF, dtype=np.uint16))
+    assert image.mode == mask.mode == "I;16"
+    item = {"id": "a", "text": "t", "image": encode_png_b64(image), "mask": encode_png_b64(mask)}
+    modes = []
+
+    class Recording(ContrastScorer):  # the real scorer, recording the image modes it gets
+        def _score_batch(self, items):
+            modes.extend((it.image.mode, it.mask.mode) for it in items)
+            return super()._score_batch(items)
+
+    with ServerThread(create_app({"contrast": Recording()})) as srv:
+        res = httpx.post(f"{srv.url}/score", json={"items": [item]}, timeout=30).json()["results"][0]
+    assert res["error"] is None and res["scores"]["contrast"] == pytest.approx(96 / 255, abs=1e-12)
+    assert modes == [("RGB", "L")]  # every scorer (style included) gets 8-bit images
+
+
+def test_batches_merge_within_the_item_and_pixel_budgets():
+    """Jobs queued together are merged into one scorer call only while both budgets hold."""
+    seen = []
+
+    class Recording(ContrastScorer):  # the real scorer, recording each batch it gets
+        def _score_batch(self, items):
+            seen.append([it.id for it in items])
+            return super()._score_batch(items)
+
+    img, mask = encode_png_b64(Image.new("RGB", (8, 8))), encode_png_b64(Image.new("L", (8, 8), 255))
+
+    def job(*ids):  # 64 + 64 pixels per item
+        return Job([ItemIn(id=i, image=img, mask=mask, text="t") for i in ids], {"contrast": 1.0},
+                   ("image", "mask"), False, 128 * len(ids), Future())
+
+    for kw, expected in [({"max_batch_items": 2, "max_batch_pixels": 10**6}, [["a"], ["b", "c"], ["d", "e"]]),
+                         ({"max_batch_items": 10, "max_batch_pixels": 400}, [["a", "b", "c"], ["d", "e"]]),
+                         ({"max_batch_items": 10, "max_batch_pixels": 10**6}, [["a", "b", "c", "d", "e"]])]:
+        seen.clear()
+        batcher = Batcher({"contrast": Recording()}, **kw)
+        jobs = [job("a"), job("b", "c"), job("d"), job("e")]
+        for j in jobs:  # all queued before the worker starts: merging is deterministic
+            batcher.submit(j)
+        batcher.start()
+        results = [j.future.result(timeout=30) for j in jobs]
+        batcher.stop()
+        assert seen == expected, kw
+        assert [[r.id for r in rs] for rs in results] == [["a"], ["b", "c"], ["d"], ["e"]]
+        assert all(r.error is None and r.reward == 0.0 for rs in results for r in rs)
+
+
+def test_only_the_images_the_scorers_read_are_decoded_and_crops_stay_crops():
+    sizes = []
+
+    class Recording(ContrastScorer):  # the real scorer, recording the image sizes it gets
+        def _score_batch(self, items):
+            sizes.extend(it.image.size for it in items)
+            return super()._score_batch(items)
+
+    item = render_scene("Crop", size=(256, 128), box=(24, 34, 232, 94))
+    body = item_json(item)
+    body["source"] = body["source"][:100]  # corrupt, but the weighted scorers do not read it
+    with ServerThread(create_app({"contrast": Recording(), "background": BackgroundScorer()})) as srv:
+        url = f"{srv.url}/score"
+        res = httpx.post(url, json={"items": [body], "weights": {"contrast": 1.0}}, timeout=30).json()["results"][0]
+        assert res["error"] is None and sizes == [(208 + 16, 60 + 16)]  # the mask box plus CROP_MARGIN around it
+        res = httpx.post(url, json={"items": [body], "weights": {"contrast": 0.5, "background": 0.5}},
+                         timeout=30).json()["results"][0]
+        assert res["error"].startswith("bad image: corrupt PNG") and sizes == [(224, 76)]  # not scored
+        body["source"] = item_json(item)["source"]
+        res = httpx.post(url, json={"items": [body], "weights": {"contrast": 0.5, "background": 0.5}},
+                         timeout=30).json()["results"][0]
+        assert res["error"] is None and sizes == [(224, 76), (256, 128)]  # background reads the whole image
+        assert res["scores"]["contrast"] == Recording().score_batch([item])[0].score
+
+
+@pytest.mark.slow
 def test_memory_stays_bounded_with_many_4096px_images():
     """256 items of 4096² images: 413 from the PNG headers; requests within the pixel budget are
     scored, concurrently, with the server's peak memory below the documented bound."""
@@ -290,6 +386,7 @@ def test_memory_stays_bounded_with_many_4096px_images():
             [t.join(timeout=120) for t in threads]
         stop.set()
         peak = peak_rss_mb(proc.pid) if proc.poll() is None else float("inf")
+        print(f"reward server peak RSS {peak:.0f} MiB, baseline {baseline:.0f} MiB")
         assert peak <= bound, f"peak RSS {peak:.0f} MiB, above {bound:.0f} MiB (baseline {baseline:.0f} MiB)"
         results = [res for k in range(3) for res in out[k].json()["results"]]
         assert len(results) == 4 and all(res["error"] is None and res["reward"] == 1.0 for res in results), results

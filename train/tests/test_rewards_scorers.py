@@ -6,14 +6,17 @@ from __future__ import annotations
 import base64
 import io
 import math
+import struct
+import zlib
 from dataclasses import replace
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from train.rewards import (BackgroundScorer, RewardItem, RewardResult, build_scorers, decode_png_b64,
                            encode_png_b64, parse_reward_weights, text_accuracy)
-from train.rewards.codec import ImageDecodeError, ImageTooLargeError
+from train.rewards.codec import PNG_SIGNATURE, ImageDecodeError, ImageTooLargeError, _chunk
 from train.rewards.ocr import edit_distance
 from train.rewards.vlm import VLMScorer, chat_completions_url, parse_judge_score
 from train.rl_ip.reward import LocalReward, RewardError, apply_failure_policy, build_reward_fn, reward_stats
@@ -68,6 +71,10 @@ def test_png_codec_roundtrip_and_errors():
     buf = io.BytesIO()
     img.save(buf, format="PNG")  # Pillow's own (filtered) PNGs decode too
     assert decode_png_b64(base64.b64encode(buf.getvalue()).decode()).tobytes() == img.tobytes()
+    zero = (PNG_SIGNATURE + _chunk(b"IHDR", struct.pack(">IIBBBBB", 0, 1, 8, 2, 0, 0, 0))
+            + _chunk(b"IDAT", zlib.compress(b"\0")) + _chunk(b"IEND", b""))  # a 0x1 image
+    with pytest.raises(ImageDecodeError, match="image is 0x1 pixels"):
+        decode_png_b64(base64.b64encode(zero).decode())
     for raw in (base64.b64decode(encode_png_b64(img)), buf.getvalue()):
         flipped = bytearray(raw)
         flipped[len(raw) // 2] ^= 0xFF
@@ -77,6 +84,19 @@ def test_png_codec_roundtrip_and_errors():
                 decode_png_b64(bad)
         with pytest.raises(ImageTooLargeError, match="limit"):
             decode_png_b64(base64.b64encode(raw).decode(), max_pixels=100)
+
+
+def test_decoding_to_rgb_or_l_scales_16_bit_and_composites_alpha():
+    grey16 = Image.fromarray(np.array([[0x2000, 0x8000, 0xFFFF]], dtype=np.uint16))  # I;16
+    assert grey16.mode == "I;16"
+    data = encode_png_b64(grey16)
+    assert decode_png_b64(data).mode == "I;16"  # no mode: kept as sent
+    assert np.asarray(decode_png_b64(data, mode="RGB"))[0].tolist() == [[32] * 3, [128] * 3, [255] * 3]
+    assert np.asarray(decode_png_b64(data, mode="L")).tolist() == [[32, 128, 255]]
+    rgba = Image.new("RGBA", (1, 1), (200, 100, 50, 128))
+    assert np.asarray(decode_png_b64(encode_png_b64(rgba), mode="RGB")).tolist() == [[[100, 50, 25]]]
+    with pytest.raises(ValueError, match="mode must be"):
+        decode_png_b64(data, mode="CMYK")
 
 
 # -- OCR ----------------------------------------------------------------------------------------
@@ -94,6 +114,54 @@ def test_ocr_right_wrong_and_blank_latin_and_chinese(ocr):
     assert wrong_latin.score <= 0.3 and wrong_cjk.score <= 0.3
     assert blank_latin.score == 0.0 and blank_cjk.score == 0.0
     assert loose.details["engine"] == "det+rec"
+
+
+def test_ocr_extreme_shapes_score_without_errors(ocr):
+    """A blank 20000x20 strip (unsure recognition -> detection) once raised ``ResizeImgError`` with
+    an empty message. Every shape gets a score: blank reads as nothing."""
+    items = [RewardItem(str(i), Image.new("RGB", size, (255, 255, 255)), "Hello", mask=Image.new("L", size, 255))
+             for i, size in enumerate([(20000, 20), (20, 20000), (1, 1)])]
+    res = [ocr.score_batch([it])[0] for it in items]  # one by one: a batch is padded to its widest crop
+    assert [(r.score, r.error, r.details["recognised"]) for r in res] == [(0.0, None, "")] * 3
+
+
+def test_ocr_crops_have_bounded_width(ocr):
+    """Recognition scales crops to 48 px high: a 20000x1 crop would be 960000 px wide (~10 GB).
+    Checked on the crops, not by recognising them, so a regression cannot take the machine's memory."""
+    from train.rewards.ocr import MAX_REC_ASPECT
+
+    image = Image.new("RGB", (20000, 1), (30, 20, 10))  # BGR (10, 20, 30) in the crop
+    image.paste((200, 200, 200), (15000, 0, 20000, 1))
+    crop = ocr._crop(RewardItem("w", image, "t", mask=Image.new("L", image.size, 255)))
+    assert crop.shape == (-(-20000 // MAX_REC_ASPECT), 20000, 3) and MAX_REC_ASPECT == 64
+    middle = crop.shape[0] // 2  # the strip, centred on its median colour
+    assert (crop[middle] == np.asarray(image)[0, :, ::-1]).all()
+    assert (crop[:middle] == (10, 20, 30)).all() and (crop[middle + 1:] == (10, 20, 30)).all()
+    normal = ocr._crop(render_scene("Hello"))
+    assert normal.shape == (60 + 8, 208 + 8, 3)  # the mask box plus the scorer's 4 px pad
+
+
+def test_scorer_errors_are_one_line_from_the_root_cause():
+    from train.rewards.base import Scorer, describe_exception, one_line
+
+    class Wrapped(Scorer):
+        name = "wrapped"
+
+        def _score_batch(self, items):
+            try:
+                raise OSError("cannot open /opt/models/rec.onnx\n  (permission denied)")
+            except OSError as exc:
+                raise RuntimeError("") from exc
+
+    item = render_scene("x")
+    res = Wrapped().score_batch([item, replace(item, id="2")])
+    assert [r.error for r in res] == ["wrapped: RuntimeError: cannot open rec.onnx (permission denied)"] * 2
+    assert all(r.details == {} for r in res)
+    assert describe_exception(KeyError()) == "KeyError: no message"
+    wrapped_tb = RuntimeError('Traceback (most recent call last):\n  File "/a/b.py", line 1\nMemoryError: bad_alloc')
+    assert describe_exception(wrapped_tb) == "RuntimeError: MemoryError: bad_alloc"
+    assert one_line("x" * 400) == "x" * 297 + "..."
+    assert one_line("see http://host:8000/score and a/b/c") == "see http://host:8000/score and a/b/c"
 
 
 def test_ocr_bad_item_errors_alone(ocr):
@@ -118,6 +186,55 @@ def test_style_identical_is_one_and_different_is_lower(tiny_siglip):
     assert res[2].error == "style: item needs reference"
     # batching does not change a score
     assert style.score_batch([other])[0].score == pytest.approx(res[1].score, abs=1e-5)
+
+
+@pytest.fixture(scope="module")
+def colour_siglip(tmp_path_factory):
+    """A real SigLIP vision tower whose weights make the pooled embedding of a uniform image
+    proportional to ``[f1, -f1, f2, -f2, 0, ...]`` with ``f1 = R - B`` and ``f2 = G - B`` (normalised
+    channels): red (1, -1, -1) -> [2, -2, 0, 0], green -> [0, 0, 2, -2] (orthogonal to red), cyan -> -red.
+
+    Encoder layers are identities (zero output projections), the pooling head averages the tokens
+    (zero keys) and passes them through (identity values, zero MLP output)."""
+    import torch
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    model = SiglipVisionModel(SiglipVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                                                 num_attention_heads=4, image_size=64, patch_size=16))
+    sd = {k: torch.zeros_like(v) for k, v in model.state_dict().items()}
+    for k in sd:
+        if k.endswith(("layer_norm1.weight", "layer_norm2.weight", "post_layernorm.weight", "head.layernorm.weight")):
+            sd[k].fill_(1.0)
+    patch = sd["embeddings.patch_embedding.weight"]  # [32, 3, 16, 16]: output = mean over the patch
+    for out, (channel, sign) in enumerate([(0, 1.0), (0, -1.0), (1, 1.0), (1, -1.0)]):
+        patch[out, channel] = sign / 256
+        patch[out, 2] = -sign / 256
+    sd["head.probe"].fill_(1.0)
+    sd["head.attention.in_proj_weight"][64:96] = torch.eye(32)  # values; keys stay zero: uniform attention
+    sd["head.attention.out_proj.weight"].copy_(torch.eye(32))
+    model.load_state_dict(sd)
+    path = tmp_path_factory.mktemp("colour-siglip")
+    model.save_pretrained(path)
+    return path
+
+
+def test_style_maps_cosine_to_half_plus_half_cosine(colour_siglip):
+    """score = (cos + 1) / 2: identical 1, orthogonal 0.5, opposite 0, 45 degrees (1 + 1/sqrt 2) / 2."""
+    from train.rewards import StyleScorer
+
+    style = StyleScorer(colour_siglip)
+
+    def item(ref_colour, i):
+        image = Image.new("RGB", (80, 60), (128, 128, 128))
+        image.paste((255, 0, 0), (10, 10, 58, 50))  # red under the mask (a 48x40 box: padded to square)
+        mask = Image.new("L", (80, 60), 0)
+        mask.paste(255, (10, 10, 58, 50))
+        return RewardItem(str(i), image, "t", mask=mask, reference=Image.new("RGB", (30, 50), ref_colour))
+
+    refs = [(255, 0, 0), (0, 255, 0), (0, 255, 255), (255, 255, 0)]  # red, green, cyan, yellow
+    res = style.score_batch([item(c, i) for i, c in enumerate(refs)])
+    assert [r.details["cosine"] for r in res] == pytest.approx([1.0, 0.0, -1.0, 1 / math.sqrt(2)], abs=1e-6)
+    assert [r.score for r in res] == pytest.approx([1.0, 0.5, 0.0, (1 + 1 / math.sqrt(2)) / 2], abs=1e-6)
 
 
 def test_background_untouched_is_one():
@@ -156,6 +273,24 @@ def test_contrast_hand_computed():
     assert res[0].score == pytest.approx(1.0, abs=1e-12) and res[0].details == {"std": pytest.approx(0.5)}
     assert res[1].score == pytest.approx(0.0, abs=1e-12)
     assert res[2].score == pytest.approx(2 * std4, abs=1e-12) and res[2].details["std"] == pytest.approx(std4)
+
+
+def test_scorers_read_16_bit_images_scaled():
+    """In-process scoring too: 16-bit samples are scaled to 8 bits (image_modes), not clipped to white."""
+    from train.rewards.base import mask_region
+
+    arr = np.full((4, 8), 0x2000, dtype=np.uint16)
+    arr[:, 4:] = 0x8000  # 32 and 128 at 8 bits
+    image = Image.fromarray(arr)
+    mask16 = np.full((4, 8), 0x7000, dtype=np.uint16)  # 112: outside
+    mask16[:, 2:6] = 0x8000  # 128: inside
+    source = Image.fromarray((arr >> 8).astype(np.uint8)).convert("RGB")
+    item = RewardItem("a", image, "t", mask=Image.fromarray(mask16), source=source)
+    inside, box = mask_region(item)
+    assert box == (2, 0, 6, 4) and inside.sum() == 16
+    contrast = build_scorers("contrast")["contrast"].score_batch([item])[0]
+    assert contrast.score == pytest.approx(96 / 255, abs=1e-12)
+    assert BackgroundScorer().score_batch([item])[0].score == 1.0  # equals its 8-bit version
 
 
 def test_contrast_bad_items_and_crop_window():
