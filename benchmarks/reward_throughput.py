@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -47,21 +46,18 @@ def scene(i: int, size: int) -> RewardItem:
     return RewardItem(f"img{i}", image, text, mask=mask, reference=image.crop(box), source=source)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(scorer: str, siglip_path: str | None, device: str, torch_threads: int):
-    port = free_port()
-    cmd = [sys.executable, "-m", "train.reward_server", "--port", str(port), "--scorers", scorer,
+    """The real server on a free port; returns once its start event says it accepts connections."""
+    cmd = [sys.executable, "-m", "train.reward_server", "--port", "0", "--scorers", scorer,
            "--device", device, "--max_items", "1024", "--torch_threads", str(torch_threads)]
     if siglip_path:
         cmd += ["--siglip_path", siglip_path]
     proc = subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO)),
-                            stdout=subprocess.DEVNULL)
-    return proc, f"http://127.0.0.1:{port}"
+                            stdout=subprocess.PIPE)
+    line = proc.stdout.readline()
+    if not line:
+        raise SystemExit(f"reward server for {scorer} exited with status {proc.wait()}")
+    return proc, f"http://127.0.0.1:{json.loads(line)['port']}"
 
 
 def measure(scorer: str, items: list[RewardItem], url: str, chunk_size: int, workers: int, repeats: int) -> dict:
