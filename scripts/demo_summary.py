@@ -106,8 +106,8 @@ def real_weight_commands() -> list[str]:
         "bash examples/train_grpo.sh",
         f"{env} OUT=runs/nft REWARD_URLS=<the printed list> INIT_ADAPTER=runs/sft/checkpoint-10000/ip-adapter.bin "
         "bash examples/train_nft.sh",
-        f"{env} OUT=runs/nft-released REWARD_URLS=<the printed list> CALLIGRAPHER_BIN=calligrapher.bin "
-        "bash examples/train_from_calligrapher_bin.sh   # RL straight from the released adapter",
+        f"{env} OUT=runs/grpo-released REWARD_URLS=<the printed list> CALLIGRAPHER_BIN=calligrapher.bin "
+        "bash examples/train_grpo_from_calligrapher_bin.sh   # RL straight from the released adapter",
         "python -m train.evaluate --pretrained_model_name_or_path /models/FLUX.1-Fill-dev "
         "--siglip_path /models/siglip-so400m-patch14-384 --no_adapter "
         "--ip_adapter_path runs/sft/checkpoint-10000 --label sft --ip_adapter_path runs/grpo/checkpoint-2000@ema "
