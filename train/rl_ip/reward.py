@@ -23,7 +23,7 @@ from pydantic import ValidationError
 
 from train.rewards.base import (CROP_ONLY_SCORERS, SCORER_INPUTS, RewardItem, RewardResult, Scorer,
                                 build_scorers, crop_window, parse_reward_weights, score_items)
-from train.rewards.schema import OPTIONAL_IMAGE_FIELDS, ItemResult, item_json, short_errors
+from train.rewards.schema import OPTIONAL_IMAGE_FIELDS, Health, ItemResult, item_json, short_errors
 
 __all__ = ["RewardError", "RewardFunction", "LocalReward", "RemoteReward", "build_reward_fn",
            "apply_failure_policy", "reward_stats", "RewardItem", "RewardResult"]
@@ -165,18 +165,22 @@ class RemoteReward(RewardFunction):
                 if resp.status_code == 401:
                     raise RewardError(f"reward server {url} rejected the token (HTTP 401); "
                                       "check --token / REWARD_SERVER_TOKEN")
-                try:
-                    body = resp.json()
-                except ValueError:
-                    body = None
-                if resp.status_code != 200 or not isinstance(body, dict) or body.get("status") != "ok":
+                if resp.status_code != 200:
                     last[url] = f"HTTP {resp.status_code}"
                     continue
-                missing = [n for n, w in self.weights.items() if w != 0 and n not in body.get("scorers", [])]
+                try:
+                    health = Health.model_validate_json(resp.content)
+                except ValidationError as exc:
+                    last[url] = f"unexpected /health reply: {short_errors(exc, limit=1)}"
+                    continue
+                if health.status != "ok":
+                    last[url] = f"status {health.status!r}"
+                    continue
+                missing = [n for n, w in self.weights.items() if w != 0 and n not in health.scorers]
                 if missing:
                     raise RewardError(f"reward server {url} does not run scorer(s) {missing} named in the "
-                                      f"reward weights; it runs {body.get('scorers')}")
-                healthy[url] = body
+                                      f"reward weights; it runs {health.scorers}")
+                healthy[url] = health.model_dump()
             if healthy:
                 self._healthy = True
                 return healthy

@@ -61,6 +61,21 @@ def test_server_never_comes_up_errors_within_the_wait():
         build_reward_fn(f"http://127.0.0.1:{free_port()}", "background=1", health_wait=0.5)
 
 
+def test_a_health_reply_outside_the_schema_is_not_healthy():
+    from fastapi import FastAPI
+
+    other = FastAPI()  # e.g. a different service on the port, or an incompatible server version
+
+    @other.get("/health")
+    def health():
+        return {"status": "ok", "scorers": "background"}
+
+    with ServerThread(other) as srv:
+        with pytest.raises(RewardError, match=r"within 0.5s \(tried .* \[unexpected /health reply: scorers: "
+                                              r"Input should be a valid array; \.\.\. 6 more\]\)"):  # the 6 missing fields
+            client(srv.url, health_wait=0.5).wait_healthy()
+
+
 def test_chunked_results_match_ids_and_submit_overlaps():
     with ServerThread(FaultInjector(bg_app(), ["sleep:1"])) as srv:
         fn = client(srv.url, chunk_size=3, max_workers=2)
