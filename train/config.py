@@ -77,7 +77,8 @@ class TrainConfig:
     overwrite_output_dir: bool = opt(False, "Start a fresh run in an OUTPUT_DIR that already holds checkpoints, "
                                             "deleting them (without it such a run is refused).")
     report_to: str = opt("tensorboard", "Tracker for metrics ('tensorboard' or 'none').", choices=("tensorboard", "none"))
-    logging_steps: int = opt(1, "Log metrics every N optimizer steps.")
+    logging_steps: int = opt(10, "Log metrics every N optimizer steps (and the last one; RL also logs each epoch). "
+                                 "train_log.txt and TensorBoard get every metric, the console a short line.")
 
     # ---------------------------------------------------------------- EMA
     use_ema: bool = opt(False, "Keep an exponential moving average of the adapter weights.")

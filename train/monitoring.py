@@ -22,6 +22,11 @@ def _flat_config(cfg: dict) -> dict:
     return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in cfg.items()}
 
 
+CONSOLE_KEYS = ("train/loss", "train/lr", "train/grad_norm", "reward/mean", "reward/failed", "adv/zero_std_fraction",
+                "train/approx_kl", "train/clipfrac", "train/kl", "train/old_deviate", "eval/reward_mean",
+                "timing/step_s", "timing/rollout_s", "timing/update_s")
+
+
 class RunMonitor:
     """Main-process logging; on other ranks every call is a no-op."""
 
@@ -38,24 +43,29 @@ class RunMonitor:
 
             self.bar = tqdm(total=total_steps, initial=initial_step, desc="steps", dynamic_ncols=True)
 
-    def line(self, text: str) -> None:
-        """One line to the console and to ``train_log.txt`` (flushed, so ``tail -f`` follows it)."""
+    def line(self, text: str, console: str | None = None) -> None:
+        """One line to ``train_log.txt`` (flushed, so ``tail -f`` follows it) and, above the progress
+        bar, to the console (``console`` replaces it there when given)."""
         if not self.main:
             return
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
         with self.line_log.open("a", encoding="utf-8") as f:
             f.write(f"{stamp} {text}\n")
+        shown = text if console is None else console
         if self.bar is not None:
-            self.bar.write(text)
+            self.bar.write(shown)
         else:
-            print(text, flush=True)
+            print(shown, flush=True)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
+        """All metrics to the trackers and the line log; the console gets the few that read at a glance."""
         if self.trackers:
             self.accelerator.log(metrics, step=step)
         if self.main:
-            shown = " ".join(f"{k}={v:.5g}" for k, v in metrics.items())
-            self.line(f"step={step} {shown}")
+            full = " ".join(f"{k}={v:.5g}" for k, v in metrics.items())
+            brief = " ".join(f"{k.split('/', 1)[-1] if k.startswith('train/') else k}={metrics[k]:.4g}"
+                             for k in CONSOLE_KEYS if k in metrics)
+            self.line(f"step={step} {full}", console=f"step={step} {brief}" if brief else None)
 
     def image(self, tag: str, image, step: int) -> None:
         """A PIL image to TensorBoard (main process, when a tracker is on)."""

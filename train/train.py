@@ -28,7 +28,7 @@ def main(argv=None) -> int:
     try:
         trainer.setup()
     except DatasetError as exc:
-        print(f"error: --train_data_json {cfg.train_data_json}: {exc}", file=sys.stderr)
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     except (ConfigError, AdapterFileError) as exc:  # known only once set-up began (e.g. FSDP + EMA)
         print(f"error: {exc}", file=sys.stderr)

@@ -98,7 +98,8 @@ class Trainer:
         cfg, acc = self.cfg, self.accelerator
         out = Path(cfg.output_dir)
         self._check_distributed_setup()
-        records = load_records(cfg.train_data_json, resolution=cfg.resolution)  # raises with every problem
+        records = load_records(cfg.train_data_json, resolution=cfg.resolution,
+                               flag="--train_data_json")  # raises with every problem
         self.dataset = CalligraphyDataset(records, resolution=cfg.resolution,
                                           reference_strip=not cfg.no_reference_strip,
                                           strip_height=cfg.reference_strip_height or None)
@@ -126,7 +127,8 @@ class Trainer:
             self.model.transformer.enable_gradient_checkpointing()
         self.eval_dataset = None
         if cfg.use_rl and cfg.rl_eval_data:
-            self.eval_dataset = CalligraphyDataset(load_records(cfg.rl_eval_data, resolution=cfg.resolution),
+            self.eval_dataset = CalligraphyDataset(load_records(cfg.rl_eval_data, resolution=cfg.resolution,
+                                                                flag="--rl_eval_data"),
                                                    resolution=cfg.resolution,
                                                    reference_strip=not cfg.no_reference_strip,
                                                    strip_height=cfg.reference_strip_height or None)
@@ -221,10 +223,20 @@ class Trainer:
         ident = encoder_identity(cfg.pretrained_model_name_or_path, cfg.max_sequence_length, extra=str(model.dtype))
         self.prompts = PromptCache(encode_fn, ident, cache_dir)
         texts = list(self.dataset.texts) + (list(self.eval_dataset.texts) if self.eval_dataset is not None else [])
-        if acc.is_main_process:
+        if model.pipe.tokenizer_2 is not None and acc.is_main_process:
+            from .data.prompt_limits import TruncationNotes
+
+            notes = TruncationNotes(model.pipe.tokenizer_2, cfg.max_sequence_length, emit=self._notes.append)
+            for dataset in (self.dataset, self.eval_dataset):
+                for record in (dataset.records if dataset is not None else []):
+                    notes.check(record.id, record.text)
+        from .data.prompt_limits import quiet_truncation
+
+        with quiet_truncation():
+            if acc.is_main_process:
+                self.prompts.warm(texts)
+            acc.wait_for_everyone()
             self.prompts.warm(texts)
-        acc.wait_for_everyone()
-        self.prompts.warm(texts)
         self.prompts.encode_fn = None  # every text is cached: the encoders are no longer needed
         release_text_encoders(model, "free")
 

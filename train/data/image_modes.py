@@ -27,6 +27,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
+MASK_THRESHOLD = 127  # mask pixel (0..255 luminance) > this means "paint here" (training, tools, rewards)
+
 SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 _PREMULTIPLIED = {"RGBa": "RGB", "La": "L"}
 

@@ -36,9 +36,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .image_modes import to_luminance, to_rgb
-
-MASK_THRESHOLD = 127  # mask pixel (0..255 luminance) > this means "paint here"
+from .image_modes import MASK_THRESHOLD, to_luminance, to_rgb  # noqa: F401 - MASK_THRESHOLD re-exported
 STYLE_SIZE = 512  # the official scripts pad the reference to 512 x 512 before the SigLIP processor
 MULTIPLE = 16
 

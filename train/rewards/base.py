@@ -276,7 +276,7 @@ def mask_region(item: RewardItem) -> "tuple[object, tuple[int, int, int, int]]":
     import numpy as np
 
     from train.data.image_modes import to_luminance
-    from train.data.preprocess import MASK_THRESHOLD
+    from train.data.image_modes import MASK_THRESHOLD
 
     w, h = item.image.size
     if item.mask is None:
