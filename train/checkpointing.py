@@ -229,7 +229,7 @@ def validate_checkpoint(path: str | os.PathLike, expect_ema: bool | None = None,
             problems.append(f"{STATE_FILE}: {problem}")
     if MODEL_FILE in names:
         problems += [f"{MODEL_FILE}: {p}" for p in _safetensors_problems(root / MODEL_FILE, model_shapes)]
-    for name in sorted(names):
+    for name in sorted(names - ({EMA_FILE} if not expect_ema else set())):  # an unused EMA file may be damaged
         if name.endswith((".bin", ".pkl", ".pt")) and (root / name).is_file():
             problem = _archive_problem(root / name)
             if problem:

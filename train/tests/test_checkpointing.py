@@ -219,6 +219,7 @@ DAMAGE = {
                               "not valid JSON"),
     "trainer state of another step": ("trainer_state.json", lambda d: (d / "trainer_state.json").write_text(
         json.dumps({"global_step": 7, "epoch": 0, "position": 7, "global_batch": 1, "ema_num_updates": 7})), "does not match"),
+    "truncated EMA": ("ip-adapter-ema.bin", lambda d: _truncate(d / "ip-adapter-ema.bin"), "truncated"),
     "missing EMA": ("ip-adapter-ema.bin", lambda d: (d / "ip-adapter-ema.bin").unlink(), "without --use_ema"),
 }
 
@@ -232,6 +233,8 @@ def test_damaged_checkpoint_is_one_clear_error_naming_the_file(run, case):
     damage(path)
     problems = ckpt.validate_checkpoint(path, expect_ema=True)
     assert len(problems) == 1 and problems[0].startswith(f"{name}: ") and problem in problems[0], problems
+    if name == ckpt.EMA_FILE:  # a run resumed without --use_ema does not read it
+        assert ckpt.validate_checkpoint(path, expect_ema=False) == []
     with pytest.raises(CheckpointError) as err:
         ckpt.resolve_resume(run.out, str(path), expect_ema=True)
     assert "\n" not in str(err.value) and name in str(err.value)
