@@ -406,3 +406,15 @@ def test_load_checkpoint_checks_flags_before_loading_anything(run):
     state = ckpt.load_checkpoint(run.acc, path, run.ema, config=dict(BASE, seed=1), log=notes.append)
     assert state["global_step"] == 2 and state["config"] == BASE
     assert notes == ["resuming from checkpoint-2: --seed changed from 0 to 1; the new value applies from here on"]
+
+
+def test_model_weights_are_checked_against_the_adapter_being_resumed(run):
+    path = run.save(1)
+    shapes = {k: tuple(v.shape) for k, v in run.acc.unwrap_model(run.adapter).state_dict().items()}
+    assert ckpt.validate_checkpoint(path, model_shapes=shapes) == []
+    more = dict(shapes, **{"ip_adapter.9.to_k_ip.weight": (32, 32)})
+    assert ckpt.validate_checkpoint(path, model_shapes=more) == [
+        "model.safetensors: lacks 1 adapter tensor(s) ['ip_adapter.9.to_k_ip.weight']"]
+    fewer = {k: v for k, v in shapes.items() if k != "image_proj.mlp.norm.bias"}
+    assert ckpt.validate_checkpoint(path, model_shapes=fewer) == [
+        "model.safetensors: has 1 tensor(s) this adapter does not ['image_proj.mlp.norm.bias']"]
