@@ -73,15 +73,16 @@ step() {  # step NAME COMMAND... : run with its output in $D/logs/NAME.log, show
 # ---------------------------------------------------------------------------- settings
 if [ "$FAST" = 1 ]; then
   NUM_TRAIN=8 NUM_HELDOUT=4 WARMUP_STEPS=4 GRPO_STEPS=3 NFT_STEPS=2 GRPO_EVAL_EVERY=0 NFT_EVAL_EVERY=0
-  REPORT_LIMIT=2 IMAGE_LOG_EVERY=0 VERIFY=0
+  REPORT_LIMIT=2 IMAGE_LOG_EVERY=1 VERIFY=0
 else
   NUM_TRAIN=16 NUM_HELDOUT=8 WARMUP_STEPS=20 GRPO_STEPS=36 NFT_STEPS=12 GRPO_EVAL_EVERY=3 NFT_EVAL_EVERY=4
   REPORT_LIMIT=8 IMAGE_LOG_EVERY=4 VERIFY=1
 fi
 MODELS=(--pretrained_model_name_or_path "$D/models/flux-fill" --siglip_path "$D/models/siglip")
-TINY=(--resolution 64 --num_tokens 8 --max_sequence_length 32 --reference_strip_height 16 --seed 0)
+TINY=(--resolution 64 --num_tokens 8 --max_sequence_length 32 --reference_strip_height 16 --seed 0 --logging_steps 1)
 # Found by experiment on the tiny model: a large LR, no KL, groups of 4 normalised per prompt,
-# half the sampler steps trained, 4 sampler steps. GRPO takes 3 passes over each rollout.
+# half the sampler steps trained, 4 sampler steps. GRPO's log-probability gradient is noisier:
+# it rolls out 2 batches per RL epoch and takes 3 passes over them (3 optimizer steps per epoch).
 RL=(--use_rl --rl_warmup_steps 0 --train_data_json "$D/data/data.jsonl" --rl_eval_data "$D/heldout/data.jsonl"
     --reward_weights contrast=1 --learning_rate 0.03 --rl_kl_beta 0 --rl_per_prompt_stat_tracking
     --rl_num_images_per_prompt 4 --train_batch_size 8 --rl_timestep_fraction 0.5 --rl_num_inference_steps 4
@@ -135,7 +136,8 @@ step warmup $PY -m train.train "${MODELS[@]}" "${TINY[@]}" --train_data_json "$D
 WARM="$D/warmup/checkpoint-$WARMUP_STEPS/ip-adapter.bin"
 
 GRPO=("${MODELS[@]}" "${TINY[@]}" "${RL[@]}" --initial_ip_adapter_path "$WARM" --reward_server_url "$URL"
-      --output_dir "$D/grpo" --rl_method grpo --rl_num_inner_epochs 3 --max_train_steps "$GRPO_STEPS"
+      --output_dir "$D/grpo" --rl_method grpo --rl_num_inner_epochs 3 --rl_num_batches_per_epoch 2
+      --gradient_accumulation_steps 2 --max_train_steps "$GRPO_STEPS"
       --rl_eval_every "$GRPO_EVAL_EVERY")
 if [ "$VERIFY" = 1 ]; then  # the pre-flight check a real run starts with, on the GRPO run's own flags
   step verify $PY verify_deployment.py "${GRPO[@]}" --min_free_gb 1

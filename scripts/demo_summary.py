@@ -96,23 +96,21 @@ def summarize(demo: Path) -> dict:
 
 def real_weight_commands() -> list[str]:
     """The same job on real FLUX.1-Fill-dev + SigLIP weights (8 GPUs), with the example scripts."""
-    env = ("FLUX=/models/FLUX.1-Fill-dev SIGLIP=/models/siglip-so400m-patch14-384 "
-           "DATA=data/train.jsonl EVAL_DATA=data/heldout.jsonl")
+    urls = ",".join(f"http://127.0.0.1:{8000 + i}" for i in range(8))
     return [
-        "SIGLIP=/models/siglip-so400m-patch14-384 NUM_GPUS=8 bash examples/serve_reward.sh   "
-        "# one reward server per GPU; prints the URL list",
-        f"{env} OUT=runs/sft bash examples/train_supervised.sh",
-        f"{env} OUT=runs/grpo REWARD_URLS=<the printed list> INIT_ADAPTER=runs/sft/checkpoint-10000/ip-adapter.bin "
-        "bash examples/train_grpo.sh",
-        f"{env} OUT=runs/nft REWARD_URLS=<the printed list> INIT_ADAPTER=runs/sft/checkpoint-10000/ip-adapter.bin "
-        "bash examples/train_nft.sh",
-        f"{env} OUT=runs/grpo-released REWARD_URLS=<the printed list> CALLIGRAPHER_BIN=calligrapher.bin "
-        "bash examples/train_grpo_from_calligrapher_bin.sh   # RL straight from the released adapter",
-        "python -m train.evaluate --pretrained_model_name_or_path /models/FLUX.1-Fill-dev "
-        "--siglip_path /models/siglip-so400m-patch14-384 --no_adapter "
+        "export FLUX=/models/FLUX.1-Fill-dev SIGLIP=/models/siglip-so400m-patch14-384 "
+        "DATA=data/train.jsonl EVAL_DATA=data/heldout.jsonl",
+        "NUM_GPUS=8 bash examples/serve_reward.sh   # in another terminal: one reward server per GPU, ports 8000-8007",
+        f"export REWARD_URLS={urls}",
+        "OUT=runs/sft bash examples/train_supervised.sh",
+        "OUT=runs/grpo INIT_ADAPTER=runs/sft/checkpoint-10000/ip-adapter.bin bash examples/train_grpo.sh",
+        "OUT=runs/nft INIT_ADAPTER=runs/sft/checkpoint-10000/ip-adapter.bin bash examples/train_nft.sh",
+        "OUT=runs/grpo-released CALLIGRAPHER_BIN=calligrapher.bin bash examples/train_grpo_from_calligrapher_bin.sh"
+        "   # RL straight from the released adapter",
+        "python -m train.evaluate --pretrained_model_name_or_path $FLUX --siglip_path $SIGLIP --no_adapter "
         "--ip_adapter_path runs/sft/checkpoint-10000 --label sft --ip_adapter_path runs/grpo/checkpoint-2000@ema "
-        "--label grpo --ip_adapter_path runs/nft/checkpoint-2000@ema --label nft "
-        "--data data/heldout.jsonl --output_dir eval/",
+        "--label grpo --ip_adapter_path runs/nft/checkpoint-1000@ema --label nft "
+        "--data $EVAL_DATA --output_dir runs/eval",
     ]
 
 
@@ -159,12 +157,14 @@ def format_summary(s: dict, app: list[str] | None) -> str:
         word = "rose" if delta > 0 else "did not rise"
         lines.append(f"  {ph['name']:8} {ph['steps']:3d} RL steps ({ph['rl_epochs']:2d} RL epochs)  start {ph['start']:.4f}"
                      f" -> end {ph['end']:.4f}  ({delta:+.4f}, {word}){_secs(ph['seconds'])}")
+        if len(ph["curve"]) > 2:
+            lines.append("           at steps " + ", ".join(f"{step}: {value:.4f}" for step, value in ph["curve"]))
     if s["report"]:
         r = s["report"]
         means = ", ".join(f"{k} {v:.4f}" for k, v in r["mean_reward"].items() if v is not None)
         lines += ["", f"Report ({r['num_samples']} held-out samples, train.evaluate, FluxFillPipeline's sampling): {means}",
                   "  (it samples the masked image's VAE posterior like the pipeline; the tiny random VAE's posterior",
-                  "   is mostly noise, so its columns differ less than the deterministic curve above)"]
+                  "   is mostly noise, so its columns are noisier than the deterministic curves above)"]
     d = s["demo_dir"]
     lines += ["", "Where things are:",
               f"  TensorBoard:  tensorboard --logdir {d}   (warmup/logs, grpo/logs, nft/logs)",
