@@ -351,6 +351,14 @@ def test_flags_the_restored_state_would_ignore_are_errors(key):
     assert f"Resume with --{key} {old}" in errors[0] and "--initial_ip_adapter_path" in errors[0]
 
 
+def test_the_flags_a_restored_state_contradicts_are_all_in_the_table():
+    """Independent of the table: each of these, changed on resume, is an error."""
+    for key, value in (("gradient_accumulation_steps", 4), ("learning_rate", 1e-3), ("lr_warmup_steps", 5),
+                       ("num_tokens", 16), ("adam_epsilon", 1e-6), ("lr_scheduler", "linear")):
+        notes, errors = flags(**{key: value})
+        assert len(errors) == 1 and errors[0].startswith(f"--{key} {value} differs"), (key, errors)
+
+
 def test_new_learning_rate_with_a_new_schedule_names_both():
     notes, errors = flags(learning_rate=1e-3, lr_scheduler="constant")
     assert [e.split(" ")[0] for e in errors] == ["--learning_rate", "--lr_scheduler"] and notes == []
