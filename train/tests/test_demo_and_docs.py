@@ -34,7 +34,7 @@ GUIDE = REPO / "RL_TRAINING_GUIDE.md"
 README = REPO / "README.md"
 EXAMPLES = REPO / "examples"
 FLAG_ROW = re.compile(r"^\|\s*`--([a-z0-9_]+)`\s*\|\s*`([^`]*)`")
-TAG_ROW = re.compile(r"^\|\s*`((?:train|reward|adv|eval|timing|ema|memory|perf|rl|nft|images)/[^`]+)`")
+TAG_ROW = re.compile(r"^\|\s*`((?:train|reward|adv|eval|timing|ema|memory|perf|rl|nft|images)/[a-z0-9_{}]+)`")
 GPU_ONLY = "--use_8bit_adam needs a CUDA GPU"
 
 
@@ -173,7 +173,10 @@ def test_example_command_is_accepted_by_training(example_env, script):
     from train.verify import VERIFY_ONLY, training_config
 
     env = {k: example_env[k] for k in ("FLUX", "SIGLIP", "DATA", "EVAL_DATA", "OUT", "REWARD_URLS")}
-    env["INIT_ADAPTER" if "calligrapher" not in script else "CALLIGRAPHER_BIN"] = example_env["ADAPTER"]
+    if "calligrapher" in script:  # the released weights, straight into RL whatever WARMUP_STEPS says
+        env.update(CALLIGRAPHER_BIN=example_env["ADAPTER"], WARMUP_STEPS="500")
+    else:
+        env["INIT_ADAPTER"] = example_env["ADAPTER"]
     res = dry_run(script, env, "--seed", "7")
     assert res.returncode == 0, res.stderr
     launch, argv, verify = printed_commands(res.stdout)
@@ -339,6 +342,22 @@ def test_reduced_demo_reports_a_held_out_reward_for_every_phase(tmp_path):
     assert "examples/train_grpo.sh" in res.stdout and "tensorboard --logdir" in res.stdout
     assert not processes_with("train.reward_server", str(demo)) and not (demo / "reward_server.pid").exists()
     check_tensorboard_tags_match_the_guide(demo)
+    check_app_command(summary)
+
+
+def check_app_command(summary: dict) -> None:
+    """The printed ``python -m train.app`` line is accepted by the app's own parser (when the app exists)."""
+    if not (REPO / "train" / "app.py").is_file():
+        assert summary["app_command"] is None
+        return
+    from train.app import build_parser as app_parser
+
+    command = summary["app_command"]
+    assert command[:3] == ["python", "-m", "train.app"]
+    args = app_parser().parse_args(command[3:])
+    assert len(args.ip_adapter_path) == 3 and args.label == ["warm-up", "GRPO (EMA)", "NFT (EMA)"]
+    for spec in args.ip_adapter_path:
+        assert Path(spec.removesuffix("@ema")).is_dir(), spec
 
 
 def check_tensorboard_tags_match_the_guide(demo: Path) -> None:
