@@ -11,8 +11,9 @@
 #   DEMO_FAST=1 bash scripts/demo.sh     # reduced sizes (what the test suite runs)
 #   DEMO_DIR=/tmp/demo bash scripts/demo.sh
 #
-# DEMO_DIR belongs to the demo: each run replaces its results there. Ctrl-C (or SIGTERM) stops
-# the running step and the reward server; nothing is left running.
+# DEMO_DIR (relative paths are taken from the repository root) belongs to the demo: each run replaces
+# its results there, and a non-empty folder the demo did not make is refused. Ctrl-C (or SIGTERM)
+# stops the running step and the reward server; nothing is left running.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false

@@ -296,6 +296,23 @@ def demo_env(demo_dir: Path) -> dict:
                 OMP_NUM_THREADS="1")
 
 
+def test_demo_refuses_a_folder_it_did_not_make(tmp_path):
+    """The demo replaces its results in DEMO_DIR, so it must never clear a folder of someone else's files."""
+    precious = tmp_path / "mine" / "data" / "keep.txt"
+    precious.parent.mkdir(parents=True)
+    precious.write_text("user data")
+    proc = subprocess.Popen(["bash", str(REPO / "scripts" / "demo.sh")], cwd=REPO, env=demo_env(tmp_path / "mine"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:  # it went ahead: stop it and everything it started
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
+    assert proc.returncode == 2 and "was not made by this demo" in err, err
+    assert precious.read_text() == "user data"
+
+
 @pytest.mark.slow
 def test_interrupted_demo_leaves_no_process_behind(tmp_path):
     demo = tmp_path / "demo"
