@@ -78,7 +78,7 @@ def data(tmp_path_factory):
 
 
 def _recorded_run(tiny_models, data, out, stop_at, resume, seen):
-    trainer = Trainer(parse_args(tiny_train_args(tiny_models, data, out, 8, checkpointing_steps=4,
+    trainer = Trainer(parse_args(tiny_train_args(tiny_models, data, out, 8, checkpointing_steps=2,
                                                  resume_from_checkpoint=resume)))
     trainer.setup()
     real_loader = trainer.loader
@@ -94,15 +94,18 @@ def _recorded_run(tiny_models, data, out, stop_at, resume, seen):
 
 
 @pytest.mark.slow
-def test_resume_right_after_an_epoch_boundary_repeats_no_batch(tiny_models, data, tmp_path):
+def test_resume_at_and_right_after_an_epoch_boundary_repeats_no_batch(tiny_models, data, tmp_path):
     straight = []
-    _recorded_run(tiny_models, data, tmp_path / "straight", None, None, straight)
+    done = _recorded_run(tiny_models, data, tmp_path / "straight", None, None, straight)
     assert len(straight) == 8 and len({k[1:] for k in straight}) == 8
     assert [e for _, e, _ in straight] == [0] * 4 + [1] * 4
+    assert (done.epoch, done.position) == (1, 4)
 
     resumed = []
-    first = _recorded_run(tiny_models, data, tmp_path / "resumed", 4, None, resumed)  # dies after checkpoint-4
-    assert (first.epoch, first.position) == (0, 4)  # the epoch is consumed but not yet rolled over
-    _recorded_run(tiny_models, data, tmp_path / "resumed", None, "latest", resumed)
+    # 4 micro-batches per epoch: the process dies after checkpoint-4 (the epoch is consumed but not yet
+    # rolled over), then after checkpoint-6 (two batches into the next epoch), then finishes.
+    for stop_at, resume, position in ((4, None, (0, 4)), (6, "latest", (1, 2)), (None, "latest", (1, 4))):
+        trainer = _recorded_run(tiny_models, data, tmp_path / "resumed", stop_at, resume, resumed)
+        assert (trainer.epoch, trainer.position) == position
     assert resumed == straight
     assert sorted(sid for sid, e, _ in resumed if e == 1) == sorted(sid for sid, e, _ in resumed if e == 0)
