@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -35,7 +36,7 @@ TESTS = {
     "checkpointing": ("train/tests/test_checkpointing.py",),
     "ema": ("train/tests/test_ema.py", "train/tests/test_ema_copy.py"),
     "data_order": ("train/tests/test_data_order.py",),
-    "reward_client": ("train/tests/test_reward_client.py",),
+    "reward_client": ("train/tests/test_reward_client_pinned.py", "train/tests/test_reward_client.py"),
 }
 
 
@@ -253,14 +254,18 @@ def run_tests(tree: Path, tests, timeout: float) -> tuple[str, float]:
                PYTHONDONTWRITEBYTECODE="1")  # no stale bytecode of a mutant can survive its restore
     cmd = [str(PYTHON), "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
     t0 = time.monotonic()
+    # Own process group: a hung run is killed with every server or worker process its tests started.
+    proc = subprocess.Popen(cmd, cwd=tree, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     try:
-        res = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, timeout=timeout)
+        out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
         return "timeout", time.monotonic() - t0
-    if res.returncode not in (0, 1):  # 2-5: interrupted, internal error, usage error, no tests collected
-        tail = (res.stdout + res.stderr)[-600:]
-        return f"error (pytest exit {res.returncode}): {tail}", time.monotonic() - t0
-    return ("pass" if res.returncode == 0 else "fail"), time.monotonic() - t0
+    if proc.returncode not in (0, 1):  # 2-5: interrupted, internal error, usage error, no tests collected
+        return f"error (pytest exit {proc.returncode}): {out[-600:]}", time.monotonic() - t0
+    return ("pass" if proc.returncode == 0 else "fail"), time.monotonic() - t0
 
 
 def check(tree: Path, m: Mutant) -> str:
@@ -284,7 +289,8 @@ def main(argv=None) -> int:
     parser.add_argument("-m", "--module", action="append", choices=sorted(TESTS), help="only these modules")
     parser.add_argument("-k", "--id", action="append", help="only these mutant ids (e.g. ema#3)")
     parser.add_argument("--list", action="store_true", help="print the mutants and exit")
-    parser.add_argument("--timeout", type=float, default=900.0, help="seconds per test run")
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds for a baseline test run; a mutant "
+                        "gets 3x its baseline time plus a minute (a mutant that hangs counts as killed)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--workdir", type=Path, help="where to put the copy (default: a new temporary folder)")
     args = parser.parse_args(argv)
@@ -302,9 +308,10 @@ def main(argv=None) -> int:
         check(tree, m)
     print(f"copy of the working tree: {tree}", flush=True)
 
-    baseline = {}
+    baseline, limit = {}, {}
     for tests in dict.fromkeys(m.tests for m in chosen):
         baseline[tests], secs = run_tests(tree, tests, args.timeout)
+        limit[tests] = 3 * secs + 60
         print(f"baseline {' '.join(tests)}: {baseline[tests]} ({secs:.0f}s)", flush=True)
     results = []
     for m in chosen:
@@ -313,7 +320,7 @@ def main(argv=None) -> int:
         else:
             original = apply(tree, m)
             try:
-                outcome, secs = run_tests(tree, m.tests, args.timeout)
+                outcome, secs = run_tests(tree, m.tests, limit[m.tests])
             finally:
                 (tree / m.path).write_text(original)
             outcome = {"fail": "killed", "timeout": "killed (timeout)", "pass": "SURVIVED"}.get(outcome, outcome)
