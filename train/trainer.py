@@ -182,8 +182,10 @@ class Trainer:
             for stale in ckpt.remove_partial(out):
                 self._notes.append(f"removed an incomplete checkpoint left by an interrupted write: {stale}")
         acc.wait_for_everyone()
-        return ckpt.resolve_resume(out, cfg.resume_from_checkpoint, expect_ema=cfg.use_ema,
-                                   log=self._notes.append)
+        resume = ckpt.resolve_resume(out, cfg.resume_from_checkpoint, expect_ema=cfg.use_ema, log=self._notes.append)
+        if resume is None and acc.is_main_process:  # a fresh run starts its own held-out curve
+            (out / "eval_rewards.jsonl").unlink(missing_ok=True)
+        return resume
 
     def _check_reward_service(self) -> None:
         """With ``--reward_server_url``, wait for the servers' health (and their scorers) before any
@@ -301,15 +303,18 @@ class Trainer:
 
     # ------------------------------------------------------------------ conditioning
     def style_embeds(self, batch) -> torch.Tensor:
-        """Pooled SigLIP embeddings, computed once per sample and each sample alone.
+        """Pooled SigLIP embeddings, computed once per style image and each image alone.
 
-        Encoding alone makes a sample's embedding independent of which samples share its batch
-        (batched kernels round differently), so a resumed run sees exactly the same values.
+        Encoding alone makes an embedding independent of which samples share its batch (batched
+        kernels round differently), so a resumed run sees exactly the same values. The cache is
+        keyed by the image's pixels, not the record id: ids are unique within one dataset only,
+        and the held-out set may reuse them.
         """
-        for image, sid in zip(batch.style_images, batch.ids):
-            if sid not in self.style_cache:
-                self.style_cache[sid] = self.model.encode_style([image])[0].detach()
-        return torch.stack([self.style_cache[sid] for sid in batch.ids])
+        keys = [_image_key(image) for image in batch.style_images]
+        for image, key in zip(batch.style_images, keys):
+            if key not in self.style_cache:
+                self.style_cache[key] = self.model.encode_style([image])[0].detach()
+        return torch.stack([self.style_cache[key] for key in keys])
 
     def condition(self, batch, guidance_scale: float):
         """The model conditioning of a :class:`~train.data.preprocess.SampleBatch` (cached prompts and styles)."""
@@ -406,6 +411,12 @@ class Trainer:
                                     config=self.cfg.to_dict())
         self.monitor.line(f"saved {path}")
         return path
+
+
+def _image_key(image) -> str:
+    import hashlib
+
+    return f"{image.mode}{image.size}" + hashlib.sha1(image.tobytes()).hexdigest()
 
 
 class _KeyedSamples(torch.utils.data.Dataset):

@@ -245,14 +245,17 @@ def evaluate_heldout(trainer, ctx: RLContext) -> dict[str, float] | None:
     t0 = time.perf_counter()
     steps = cfg.rl_eval_num_inference_steps or cfg.rl_num_inference_steps
     mine = list(range(acc.process_index, len(ds), acc.num_processes))
-    results = []
+    results, shown = [], []
     for start in range(0, len(mine), cfg.train_batch_size):
         idx = mine[start:start + cfg.train_batch_size]
         batch = collate_samples([ds[i] for i in idx])
         cond = trainer.condition(batch, cfg.rl_guidance_scale)
         sigmas = trainer.model.sigmas(steps, cond.cond_latents.shape[1])
         traj = sample_trajectory(trainer, cond, [keyed_generator(cfg.seed, 13, i) for i in idx], sigmas)
-        results.extend(ctx.eval_reward_fn(reward_items(batch, decode(trainer, traj.final, cond), "eval", idx)))
+        items = reward_items(batch, decode(trainer, traj.final, cond), "eval", idx)
+        scored = ctx.eval_reward_fn(items)
+        results.extend(scored)
+        shown.extend(zip(items, scored))
     from accelerate.utils import gather_object
 
     rows = gather_object([[r.reward if r.ok else None, dict(r.scores)] for r in results])
@@ -264,6 +267,8 @@ def evaluate_heldout(trainer, ctx: RLContext) -> dict[str, float] | None:
         if vals:
             out[f"eval/{name}_mean"] = sum(vals) / len(vals)
     trainer.log(out)
+    if cfg.rl_image_log_every:
+        log_image_grid(trainer, shown, tag="eval")
     if acc.is_main_process:
         line = {"global_step": trainer.global_step, "rl_epoch": trainer.rl.epoch, **out}
         with (Path(cfg.output_dir) / "eval_rewards.jsonl").open("a", encoding="utf-8") as f:
