@@ -86,7 +86,10 @@ def grpo_update(trainer, ctx, batches, rewards, end: int) -> dict[str, float]:
     infos: list[dict] = []
     step_start = time.perf_counter()
     for inner in range(cfg.rl_num_inner_epochs):
-        order = torch.randperm(n, generator=keyed_generator(cfg.seed, 19, rl.epoch, inner)).tolist()
+        # Shuffle whole rollout batches: a global micro-batch is then one rollout batch on any number
+        # of processes (every rank trains its slice of it), so 2 processes train exactly what 1 does.
+        batch_order = torch.randperm(len(batches), generator=keyed_generator(cfg.seed, 19, rl.epoch, inner))
+        order = [b * cfg.train_batch_size + i for b in batch_order.tolist() for i in range(cfg.train_batch_size)]
         chosen = {i: choose_train_steps(list(range(stored)), cfg.rl_timestep_fraction,
                                         keyed_generator(cfg.seed, 23, rl.epoch, inner, image_ids[i])) for i in order}
         micro = cfg.train_batch_size

@@ -84,7 +84,10 @@ def nft_update(trainer, batches, rewards, end: int) -> dict[str, float]:
     infos: list[dict] = []
     step_start = time.perf_counter()
     for inner in range(cfg.rl_num_inner_epochs):
-        order = torch.randperm(n, generator=keyed_generator(cfg.seed, 29, rl.epoch, inner)).tolist()
+        # Shuffle whole rollout batches: a global micro-batch is then one rollout batch on any number
+        # of processes (every rank trains its slice of it), so 2 processes train exactly what 1 does.
+        batch_order = torch.randperm(len(batches), generator=keyed_generator(cfg.seed, 29, rl.epoch, inner))
+        order = [b * cfg.train_batch_size + i for b in batch_order.tolist() for i in range(cfg.train_batch_size)]
         gens = {i: keyed_generator(cfg.seed, 31, rl.epoch, inner, image_ids[i]) for i in order}
         levels = {i: nft_train_steps(num_levels, cfg.rl_timestep_fraction, gens[i]) for i in order}
         for start in range(0, n, cfg.train_batch_size):
