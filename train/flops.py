@@ -134,7 +134,7 @@ def step_flops(parts: dict[str, int], rl_steps: int = 50, reference: bool = True
 
 def flop_report(spec: ModelSpec, canvas, text_tokens: int, num_tokens: int, rl_steps: int = 50,
                 precision: str = "bf16") -> dict:
-    """Everything above for one sample, as JSON-ready TFLOP figures with shares."""
+    """Everything above for one sample, as JSON-ready GFLOP figures with shares."""
     _quiet()
     parts = {**transformer_flops(spec, canvas, text_tokens, num_tokens, 1, precision),
              **encoder_flops(spec, canvas, text_tokens, 1, precision)}
@@ -142,13 +142,13 @@ def flop_report(spec: ModelSpec, canvas, text_tokens: int, num_tokens: int, rl_s
     report = {
         "model": spec.source, "canvas": list(canvas), "image_tokens": (canvas[0] // 16) * (canvas[1] // 16),
         "text_tokens": text_tokens, "style_tokens": num_tokens,
-        "parts_tflop": {k: round(v / 1e12, 4) for k, v in parts.items()},
+        "parts_gflop": {k: round(v / 1e9, 3) for k, v in parts.items()},
         "adapter_share_of_forward": round(1 - parts["base_forward"] / parts["forward"], 4),
         "steps": {},
     }
     for name, items in steps.items():
         total = sum(items.values())
-        report["steps"][name] = {"tflop": round(total / 1e12, 4),
+        report["steps"][name] = {"gflop": round(total / 1e9, 3),
                                  "share": {k: round(v / total, 4) for k, v in items.items()}}
     return report
 
