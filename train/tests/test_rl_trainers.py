@@ -87,8 +87,7 @@ def test_grpo_first_update_has_ratio_one_and_every_parameter_changes(tiny_models
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["grpo", "nft"])
-@pytest.mark.parametrize("sign", [+1, -1])
+@pytest.mark.parametrize("method,sign", [("grpo", 1), ("grpo", -1), ("nft", 1), ("nft", -1)])
 def test_rl_moves_the_held_out_reward_the_right_way(tiny_models, data, tmp_path, request, method, sign):
     """Scored on the training records under held-out noise (the evaluation's own fixed draws, never
     used by a rollout): at this size the adapter moves a record's contrast but hardly transfers to
@@ -278,8 +277,9 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tiny_models,
 
 # ---------------------------------------------------------------------------------------------- end to end
 @pytest.mark.slow
-def test_grpo_against_a_reward_server_process_survives_its_death(tiny_models, data, held_out, tmp_path, capsys):
-    """Warm-up then GRPO scored by a real server process; the server is killed mid-run: one clear line,
+@pytest.mark.parametrize("method", ["grpo", "nft"])
+def test_rl_against_a_reward_server_process_survives_its_death(tiny_models, data, held_out, tmp_path, capsys, method):
+    """Warm-up then RL scored by a real server process; the server is killed mid-run: one clear line,
     exit 3, the newest checkpoint intact; restarted, ``latest`` finishes the run exactly as an
     uninterrupted in-process run does (the contrast reward is the same computation in both)."""
     import threading
@@ -292,7 +292,7 @@ def test_grpo_against_a_reward_server_process_survives_its_death(tiny_models, da
     port = free_port()
     proc, url = spawn_server("--scorers", "contrast", "--port", str(port))
     flags = dict(rl_warmup_steps=1, report_to="tensorboard", rl_image_log_every=1, rl_eval_data=held_out,
-                 rl_eval_every=1, rl_eval_num_inference_steps=2)
+                 rl_eval_every=1, rl_eval_num_inference_steps=2, method=method, use_ema=True)
     out, reference = tmp_path / "run", tmp_path / "in-process"
     try:
         def kill_after_checkpoint_2():
@@ -318,8 +318,13 @@ def test_grpo_against_a_reward_server_process_survives_its_death(tiny_models, da
     finally:
         proc.kill()
     assert main(rl_args(tiny_models, data, reference, 4, **flags)) == 0
-    assert_weights_equal(adapter_weights(out / "checkpoint-4" / "ip-adapter.bin"),
-                         adapter_weights(reference / "checkpoint-4" / "ip-adapter.bin"))
+    for name in ("ip-adapter.bin", "ip-adapter-ema.bin"):
+        assert_weights_equal(adapter_weights(out / "checkpoint-4" / name), adapter_weights(reference / "checkpoint-4" / name))
+    for copy in ("ref", "old"):
+        a, b = rl_state(out / "checkpoint-4")[copy], rl_state(reference / "checkpoint-4")[copy]
+        assert (a is None) == (b is None) and (a is not None or (method, copy) == ("grpo", "old"))
+        if a is not None:
+            assert_weights_equal(a, b)
     assert eval_curve(out)[-1] == eval_curve(reference)[-1]
 
     scalars, images = set(), set()
@@ -328,8 +333,10 @@ def test_grpo_against_a_reward_server_process_survives_its_death(tiny_models, da
         acc.Reload()
         scalars |= set(acc.Tags()["scalars"])
         images |= set(acc.Tags()["images"])
-    assert {"train/loss", "train/policy_loss", "train/kl", "train/approx_kl", "train/clipfrac", "train/ratio_min",
-            "train/ratio_max", "reward/mean", "reward/std", "reward/contrast_mean", "adv/zero_std_fraction",
-            "eval/reward_mean", "timing/rollout_s", "timing/reward_wait_s", "timing/update_s", "train/lr",
-            "memory/peak_gb"} <= scalars, scalars
+    common = {"train/loss", "train/policy_loss", "train/kl", "reward/mean", "reward/std", "reward/contrast_mean",
+              "adv/zero_std_fraction", "eval/reward_mean", "timing/rollout_s", "timing/reward_wait_s",
+              "timing/update_s", "train/lr", "memory/peak_gb", "ema/decay"}
+    specific = {"grpo": {"train/approx_kl", "train/clipfrac", "train/ratio_min", "train/ratio_max"},
+                "nft": {"train/old_deviate", "train/r_mean", "train/r_min", "train/r_max", "nft/decay"}}[method]
+    assert common | specific <= scalars, (common | specific) - scalars
     assert {"images/rollouts", "images/eval"} <= images
