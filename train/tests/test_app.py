@@ -385,7 +385,7 @@ def test_browser_compares_two_adapters_with_scores(files, served, tmp_path, monk
         before = page.inner_text("#status")
         page.click("#run")
         page.wait_for_function("([e, b]) => { const t = document.querySelector('#status').innerText;"
-                               " return t.includes(e) && t !== b; }", arg=[expect, before], timeout=30_000)
+                               " return t.includes(e) && t !== b; }", arg=[expect, before], timeout=120_000)
         return page.inner_text("#status")
 
     # The same files through the handler in this process: train.infer's pixels (see the test above).
@@ -395,6 +395,7 @@ def test_browser_compares_two_adapters_with_scores(files, served, tmp_path, monk
         browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(120_000)  # a loaded 2-core machine can be slow
             page.route("**/*", only_loopback)
             page.goto(url)
             page.wait_for_selector("#run")
@@ -443,8 +444,8 @@ def test_browser_compares_two_adapters_with_scores(files, served, tmp_path, monk
             # An example from --examples fills the inputs (this one has no reference: self-reference).
             page.locator("table tbody tr").nth(1).click()
             page.wait_for_function("t => document.querySelector('#text textarea').value === t",
-                                   arg=files["records"][1]["text"], timeout=10_000)
-            page.locator("#reference img").wait_for(state="detached", timeout=10_000)  # the old reference is cleared
+                                   arg=files["records"][1]["text"], timeout=60_000)
+            page.locator("#reference img").wait_for(state="detached", timeout=60_000)  # the old reference is cleared
             assert page.locator("#mask img").count() == 1
         finally:
             browser.close()
