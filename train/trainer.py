@@ -158,6 +158,8 @@ class Trainer:
             self.monitor.line(note)
         if resume_path is not None:
             self.monitor.line(f"resumed from {resume_path} at global_step {self.global_step}")
+        if acc.is_main_process:
+            self.monitor.line(self._memory_plan())
         report = self.model.parameter_report()
         self.monitor.line("trainable parameters: " + ", ".join(f"{k}={v:,}" for k, v in report.items()))
         self.monitor.line(f"data: {len(self.dataset)} samples, {self.batches_per_epoch} global micro-batches "
@@ -186,6 +188,15 @@ class Trainer:
         if resume is None and acc.is_main_process:  # a fresh run starts its own held-out curve
             (out / "eval_rewards.jsonl").unlink(missing_ok=True)
         return resume
+
+    def _memory_plan(self) -> str:
+        """The planner's per-process memory table for this run (``python -m train.plan`` prints the same)."""
+        from .plan import format_plan
+
+        try:
+            return "memory plan:\n" + format_plan(self.cfg, self.accelerator.num_processes)
+        except Exception as exc:  # noqa: BLE001 - the plan informs; a model layout it cannot read must not stop training
+            return f"memory plan unavailable: {type(exc).__name__}: {exc}"
 
     def _check_reward_service(self) -> None:
         """With ``--reward_server_url``, wait for the servers' health (and their scorers) before any
