@@ -2,14 +2,16 @@
 
     python benchmarks/train_step.py [--quick] [--size proxy|full]
 
-The real trainers run on the proxy model (:mod:`benchmarks.proxy`); their own step timings
-(``timing/step_s``, ``timing/rollout_s``, ``timing/update_s``) are divided by the pure model time
-at the same shapes, measured in the same process right after. Everything runs on one torch thread
-with the clock set to process CPU time (:func:`benchmarks.common.cpu_clock`), so other jobs on a
-shared machine do not stretch one side of a ratio:
+The real trainers run on the proxy model (:mod:`benchmarks.proxy`); a loop's own time (its
+``timing/rollout_s`` / ``timing/update_s``, or the CPU time of 10 supervised steps) is divided by
+the time spent inside the model during that same stretch (:class:`ModelClock` times every
+``velocity`` call and every ``accelerator.backward`` in place), so both sides of a ratio are
+measured at the same moments. Medians over pieces of loop (the first, warming caches up, left
+out). Everything runs on one torch thread with the clock set to process CPU time
+(:func:`benchmarks.common.cpu_clock`), so other jobs on a shared machine stretch neither side:
 
 - supervised: optimizer step ÷ (forward + backward); the two VAE encodes of the step (source and
-  masked source, deterministic) are timed on their own, with the ratio they would leave if cached;
+  masked source, deterministic) are timed too, with the ratio they would leave if cached;
 - GRPO: per trained step ÷ (forward + backward + reference forward);
 - NFT: per trained step ÷ (3 forwards + 1 backward);
 - rollout: the whole rollout (conditioning, sampling, decoding, reward hand-off) and the sampling
@@ -30,6 +32,7 @@ import os
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -38,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from benchmarks.common import cpu_clock, median_time  # noqa: E402
+from benchmarks.common import cpu_clock  # noqa: E402
 
 BIG = 10**6
 
@@ -65,12 +68,6 @@ def _trainer(argv):
     trainer = Trainer(parse_args(argv))
     trainer.setup()
     return trainer
-
-
-def _steady(trainer, name: str) -> float:
-    """Median of a logged timing, leaving out the first value (caches warm up) when there are several."""
-    values = [m[name] for _, m in trainer.history if name in m]
-    return statistics.median(values[1:] if len(values) > 1 else values)
 
 
 def _nbytes(tensors) -> int:
@@ -102,106 +99,136 @@ def _drop_grads(module) -> None:
         p.grad = None
 
 
+# ---------------------------------------------------------------------------------------------- model time
+class ModelClock:
+    """Time spent inside the model while the real loops run: every ``Calligrapher.velocity`` call and every
+    ``accelerator.backward`` (and, separately, the VAE encodes), accumulated on the instances' own methods.
+
+    Loop time ÷ model time measured this way compares the two at the same moments, so drift in the
+    machine's load cannot favour one side. In an RL epoch the velocity calls before the first one with
+    gradients are the rollout's; from it on they and the backwards are the update's.
+    """
+
+    def __init__(self, trainer):
+        self.reset()
+        model, acc = trainer.model, trainer.accelerator
+        model.velocity = self._timed(model.velocity, "model")
+        acc.backward = self._timed(acc.backward, "model")
+        model._vae_encode = self._timed(model._vae_encode, "vae")
+        trainer.optimizer_step = self._timed(trainer.optimizer_step, "optimizer")
+
+    def _timed(self, fn, kind: str):
+        def timed(*args, **kwargs):
+            if kind == "model" and torch.is_grad_enabled():
+                self.updating = True
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                elapsed = time.perf_counter() - t0
+                if kind == "model":
+                    self.model_s["update" if self.updating else "rollout"] += elapsed
+                else:
+                    self.other_s[kind] += elapsed
+
+        return timed
+
+    def reset(self) -> None:
+        self.model_s, self.other_s = {"rollout": 0.0, "update": 0.0}, {"vae": 0.0, "optimizer": 0.0}
+        self.updating = False
+
+
 # ---------------------------------------------------------------------------------------------- supervised
-def supervised(models, data, work: Path, steps: int, repeats: int) -> dict:
-    from train.flow_matching import flow_matching_loss
+def _last(trainer, name: str) -> float:
+    return next(m[name] for _, m in reversed(trainer.history) if name in m)
+
+
+def supervised(models, data, work: Path, chunks: int, steps: int) -> dict:
+    """``chunks`` runs of ``steps`` optimizer steps; each chunk's time ÷ the model time inside it (the first
+    chunk, warming caches up, left out when there are several)."""
+    from train.supervised import train_supervised
 
     trainer = _trainer(proxy_argv(models, data, work / "supervised"))
-    acc, model, cfg = trainer.accelerator, trainer.model, trainer.cfg
     calls_at_start = trainer.prompts.encoder_calls
-    trainer.run(stop_at=steps)
+    clock = ModelClock(trainer)
+    rows = []
+    for _ in range(chunks):
+        clock.reset()
+        t0 = time.perf_counter()
+        train_supervised(trainer, trainer.global_step + steps)
+        rows.append(((time.perf_counter() - t0) / steps, clock.model_s["update"] / steps,
+                     clock.other_s["vae"] / steps, clock.other_s["optimizer"] / steps))
+    rows = rows[1:] if len(rows) > 1 else rows
+    step_s, model_s, vae_s, opt_s = (statistics.median(r[i] for r in rows) for i in range(4))
     epochs = trainer.epoch + trainer.position / trainer.batches_per_epoch
-    step_s = _steady(trainer, "timing/step_s")  # logged every --logging_steps (10) steps
-
-    batch, _ = next(trainer.loader())
-    cond = trainer.condition(batch, cfg.guidance_scale)
-    x0 = model.encode_latents(batch.image)
-    x_t, sigma = torch.randn_like(x0), torch.full((x0.shape[0],), 0.5)
-    weights = torch.ones(x0.shape[:2])
-
-    def forward_backward():
-        with acc.autocast():
-            pred = model.velocity(x_t, sigma, cond, adapter=trainer.adapter)
-        flow_matching_loss(pred, x0, weights).backward()
-        _drop_grads(model.adapter)
-
-    def vae_encodes():  # the step's two encodes: the source, and the masked source inside the conditioning
-        model.encode_latents(batch.image)
-        model.prepare_condition(batch.image, batch.mask, cond.prompt_embeds, cond.pooled_prompt_embeds,
-                                cond.text_ids, cond.style_embeds, cfg.guidance_scale)
-
-    fb_s = median_time(forward_backward, repeats)
-    vae_s = median_time(vae_encodes, repeats)
     _backward_once(trainer)
+    trainer.close()
     return {
-        "optimizer_step_s": round(step_s, 4), "forward_backward_s": round(fb_s, 4),
-        "overhead": round(step_s / fb_s, 3), "target": 1.25,
+        "optimizer_step_s": round(step_s, 4), "forward_backward_s": round(model_s, 4),
+        "overhead": round(step_s / model_s, 3), "target": 1.25,
         "vae_encodes_s": round(vae_s, 4), "vae_encodes_share_of_step": round(vae_s / step_s, 3),
-        "overhead_with_cached_vae_encodes": round((step_s - vae_s) / fb_s, 3),
+        "overhead_with_cached_vae_encodes": round((step_s - vae_s) / model_s, 3),
+        "optimizer_step_share": round(opt_s / step_s, 3),
         "text_encoder_calls_during_training": trainer.prompts.encoder_calls - calls_at_start,
-        "epochs_trained": round(epochs, 2), "batch": cfg.train_batch_size,
+        "epochs_trained": round(epochs, 2), "batch": trainer.cfg.train_batch_size, "chunks": len(rows),
         "bytes_per_trainable_param": bytes_per_param(trainer),
     }
 
 
 # ---------------------------------------------------------------------------------------------- RL
-def rl(method: str, models, data, work: Path, epochs: int, repeats: int, num_steps: int, fraction: float) -> dict:
+def rl(method: str, models, data, work: Path, epochs: int, num_steps: int, fraction: float) -> dict:
+    """``epochs`` RL epochs of one optimizer step each: the rollout's and the update's time ÷ the model time
+    inside them (the first epoch, warming caches up, left out when there are several); then the sampling
+    loop alone, the same way."""
     from train.data.preprocess import collate_samples
+    from train.rl_logic.grpo_trainer import train_grpo
+    from train.rl_logic.nft_trainer import train_nft
     from train.rl_logic.rollout import image_generators, rollout_batch, sample_trajectory
     from train.rl_ip.sampling import choose_train_steps, nft_train_steps
 
     trainer = _trainer(proxy_argv(models, data, work / method, use_rl=True, rl_method=method, rl_warmup_steps=0,
                                   train_batch_size=2, rl_num_images_per_prompt=2, rl_num_inference_steps=num_steps,
                                   rl_timestep_fraction=fraction, reward_weights="contrast=1"))
-    acc, model, cfg = trainer.accelerator, trainer.model, trainer.cfg
+    cfg = trainer.cfg
     for i in range(len(trainer.dataset)):  # SigLIP runs once per sample: measure the steady state
         trainer.style_embeds(collate_samples([trainer.dataset[i]]))
-    trainer.run(stop_at=epochs)
     trained = (len(choose_train_steps(list(range(num_steps - 1)), fraction, torch.Generator())) if method == "grpo"
                else len(nft_train_steps(num_steps, fraction, torch.Generator())))
-    rollout_s = _steady(trainer, "timing/rollout_s")
-    step_s = _steady(trainer, "timing/update_s") / trained
+    clock = ModelClock(trainer)
+    loop = train_grpo if method == "grpo" else train_nft
+    rows = []
+    for _ in range(epochs):
+        clock.reset()
+        loop(trainer, trainer.global_step + 1)  # one RL epoch
+        rows.append((_last(trainer, "timing/rollout_s"), clock.model_s["rollout"],
+                     _last(trainer, "timing/update_s"), clock.model_s["update"]))
+    rows = rows[1:] if len(rows) > 1 else rows
+    rollout_s, rollout_model_s, update_s, update_model_s = (statistics.median(r[i] for r in rows) for i in range(4))
 
     batch, image_keys, _ = rollout_batch(trainer, 0, 0)
     cond = trainer.condition(batch, cfg.rl_guidance_scale)
-    sigmas = model.sigmas(num_steps, cond.cond_latents.shape[1])
-    x = torch.randn(cond.batch_size, cond.cond_latents.shape[1], 64)
-    ref = trainer.rl.ref.params() if trainer.rl.ref is not None else None
-    old = trainer.rl.old.params() if trainer.rl.old is not None else None
-    rollout_params = old if method == "nft" else None
-
-    def forward():
-        with torch.no_grad(), acc.autocast():
-            model.velocity(x, 0.5, cond, adapter=trainer.adapter, params=rollout_params)
-
-    def trained_step():
-        with acc.autocast():
-            v = model.velocity(x, 0.5, cond, adapter=trainer.adapter)
-            with torch.no_grad():
-                extra = [old, ref] if method == "nft" else [ref]
-                for params in extra:
-                    if params is not None:
-                        model.velocity(x, 0.5, cond, params=params)
-        v.float().square().mean().backward()
-        _drop_grads(model.adapter)
-
-    def sampling_loop():
-        stochastic = range(0, num_steps - 1) if method == "grpo" else None
-        sample_trajectory(trainer, cond, image_generators(cfg, 0, 0, image_keys), sigmas, stochastic=stochastic,
-                          noise_level=cfg.rl_noise_level if method == "grpo" else 0.0, params=rollout_params)
-
-    fwd_s = median_time(forward, repeats)
-    model_step_s = median_time(trained_step, repeats)
-    loop_s = median_time(sampling_loop, max(1, repeats // 3))
+    sigmas = trainer.model.sigmas(num_steps, cond.cond_latents.shape[1])
+    grpo = method == "grpo"
+    loops = []
+    for _ in range(2):
+        clock.reset()
+        t0 = time.perf_counter()
+        sample_trajectory(trainer, cond, image_generators(cfg, 0, 0, image_keys), sigmas,
+                          stochastic=range(0, num_steps - 1) if grpo else None,
+                          noise_level=cfg.rl_noise_level if grpo else 0.0,
+                          params=None if grpo else trainer.rl.old.params())
+        loops.append((time.perf_counter() - t0) / clock.model_s["rollout"])
     _backward_once(trainer)
-    pure = "forward + backward + reference forward" if method == "grpo" else "3 forwards + 1 backward"
+    trainer.close()
+    pure = "forward + backward + reference forward" if grpo else "3 forwards + 1 backward"
     return {
-        "rollout": {"rollout_s": round(rollout_s, 4), "sampling_loop_s": round(loop_s, 4), "steps": num_steps,
-                    "batched_forward_s": round(fwd_s, 4), "batch": cfg.train_batch_size,
-                    "overhead": round(rollout_s / (num_steps * fwd_s), 3),
-                    "sampling_loop_overhead": round(loop_s / (num_steps * fwd_s), 3), "target": 1.15},
-        "train": {"per_trained_step_s": round(step_s, 4), "pure_model_s": round(model_step_s, 4), "pure_model": pure,
-                  "overhead": round(step_s / model_step_s, 3), "target": 1.25, "trained_steps_per_epoch": trained},
+        "rollout": {"rollout_s": round(rollout_s, 4), "steps": num_steps, "batch": cfg.train_batch_size,
+                    "batched_forward_s": round(rollout_model_s / num_steps, 4),
+                    "overhead": round(rollout_s / rollout_model_s, 3),
+                    "sampling_loop_overhead": round(loops[-1], 3), "target": 1.15},
+        "train": {"per_trained_step_s": round(update_s / trained, 4), "pure_model_s": round(update_model_s / trained, 4),
+                  "pure_model": pure, "overhead": round(update_s / update_model_s, 3), "target": 1.25,
+                  "trained_steps_per_epoch": trained},
         "rl_epochs": epochs, "bytes_per_trainable_param": bytes_per_param(trainer),
     }
 
@@ -235,13 +262,13 @@ def run(quick: bool = False, size: str = "proxy", workdir: Path | None = None) -
         models = write_proxy_models(work / "models")
         data = synthesize(work / "data", num=8, resolution=128, seed=0)
         if quick:
-            sup = supervised(models, data, work, steps=10, repeats=2)
-            grpo = rl("grpo", models, data, work, epochs=1, repeats=1, num_steps=3, fraction=0.5)
-            nft = rl("nft", models, data, work, epochs=1, repeats=1, num_steps=3, fraction=0.34)
+            sup = supervised(models, data, work, chunks=1, steps=4)
+            grpo = rl("grpo", models, data, work, epochs=1, num_steps=3, fraction=0.5)
+            nft = rl("nft", models, data, work, epochs=1, num_steps=3, fraction=0.34)
         else:
-            sup = supervised(models, data, work, steps=30, repeats=9)
-            grpo = rl("grpo", models, data, work, epochs=4, repeats=7, num_steps=20, fraction=0.2)
-            nft = rl("nft", models, data, work, epochs=4, repeats=7, num_steps=20, fraction=0.2)
+            sup = supervised(models, data, work, chunks=5, steps=10)
+            grpo = rl("grpo", models, data, work, epochs=5, num_steps=50, fraction=0.2)
+            nft = rl("nft", models, data, work, epochs=5, num_steps=50, fraction=0.2)
     torch.set_num_threads(threads)
     from benchmarks.proxy import spec
 

@@ -83,10 +83,14 @@ class Plan:
     def row(self, key: str) -> Row:
         return next(r for r in self.rows if r.key == key)
 
+    def _unit(self) -> tuple[str, int]:
+        return next((u, s) for u, s in (("GiB", GiB), ("MiB", 2**20), ("KiB", 2**10), ("B", 1))
+                    if self.peak.device >= s or s == 1)
+
     def summary(self) -> str:
         """One line: the peak, the phase it occurs in and the verdict."""
-        peak = self.peak
-        line = f"peak {peak.device / GiB:.1f} GiB per process ({peak.name})"
+        peak, (unit, scale) = self.peak, self._unit()
+        line = f"peak {peak.device / scale:.1f} {unit} per process ({peak.name})"
         if self.capacity is None:
             return line + "; no GPU size to compare with (--gpu_memory_gb)"
         verdict = "fits" if self.fits else "does not fit"
@@ -96,8 +100,7 @@ class Plan:
         return line
 
     def format(self) -> str:
-        unit, scale = next((u, s) for u, s in (("GiB", GiB), ("MiB", 2**20), ("KiB", 2**10), ("B", 1))
-                           if self.peak.device >= s or s == 1)
+        unit, scale = self._unit()
         width = max(len(r.name) for r in self.rows) + 2
         lines = [f"Memory plan per process — {self.title}", f"run: {self.run}", "",
                  f"{'':<{width}}{'device ' + unit:>11}{'host ' + unit:>10}"]
