@@ -279,11 +279,30 @@ def run_checks(args, cfg) -> list[Check]:
         params = adapter_parameters(siglip["hidden_size"], tcfg["joint_attention_dim"], args.num_tokens or 128,
                                     tcfg["style_blocks"], tcfg["num_attention_heads"] * tcfg["attention_head_dim"])
     rows += check_disk(args.output_dir or ".", params, args.min_free_gb)
+    rows += check_memory_plan(cfg)
     if not any(r.name in RUN_ROWS and r.status != "skip" for r in rows):
         rows.append(Check("run", "fail", "nothing about the planned run was checked (only Python, packages, torch "
                           "and disk)", "pass the run's flags, e.g. --pretrained_model_name_or_path FLUX.1-Fill-dev "
                           "--siglip_path siglip-so400m --train_data_json data.jsonl --output_dir runs/exp"))
     return rows
+
+
+def check_memory_plan(cfg, gpu_memory_gb: float | None = None) -> list[Check]:
+    """The planner's verdict for one process of this run on the visible GPU (``python -m train.plan`` has the table)."""
+    from train.plan import plan_for_config
+
+    try:
+        plan = plan_for_config(cfg, gpu_memory_gb=gpu_memory_gb)
+    except Exception as exc:  # noqa: BLE001 - reported as a row, like every other check
+        return [Check("memory plan", "warn", f"could not plan: {type(exc).__name__}: {exc}")]
+    peak = f"peak {plan.peak.device / 2**30:.1f} GiB per process ({plan.peak.name})"
+    if plan.fits is None:
+        return [Check("memory plan", "skip", f"{peak}; no GPU to compare with",
+                      "python -m train.plan --gpu_memory_gb N with the run's flags")]
+    if plan.fits:
+        return [Check("memory plan", "ok", f"{peak} fits")]
+    fix = "; or ".join(" ".join(flags) for flags in plan.suggestions[:3]) or "use GPUs with more memory"
+    return [Check("memory plan", "fail", f"{peak} does not fit", f"try {fix} (python -m train.plan shows the table)")]
 
 
 def format_table(rows: list[Check]) -> str:

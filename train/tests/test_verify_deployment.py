@@ -188,3 +188,21 @@ def test_script_exit_status(tmp_path):
                           timeout=120)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "❌ reward server" in proc.stdout and "✅ output dir" in proc.stdout and "NOT READY" in proc.stdout
+
+
+@pytest.mark.slow
+def test_memory_plan_row_judges_the_run_against_the_gpu():
+    from train.config import parse_args
+    from train.verify import check_memory_plan
+
+    cfg = parse_args(["--max_train_steps", "1"])  # full FLUX.1-Fill / so400m dimensions, the defaults
+    (row,) = check_memory_plan(cfg)
+    assert row.name == "memory plan" and "GiB per process" in row.detail
+    import torch
+
+    if not torch.cuda.is_available():
+        assert row.status == "skip"
+    (small,) = check_memory_plan(cfg, gpu_memory_gb=8)
+    assert small.status == "fail" and "does not fit" in small.detail and small.fix.startswith("try ")
+    (big,) = check_memory_plan(cfg, gpu_memory_gb=10_000)
+    assert big.status == "ok" and "fits" in big.detail
