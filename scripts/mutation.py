@@ -58,7 +58,8 @@ def M(module, path, original, replacement, tests=(), equivalent=None) -> Mutant:
 FM, SUP = "train/flow_matching.py", "train/supervised.py"
 CK, EMA, PC = "train/checkpointing.py", "train/rl_ip/ema.py", "train/rl_ip/param_copy.py"
 TR, RW = "train/trainer.py", "train/rl_ip/reward.py"
-LEARN = ("train/tests/test_learning.py",)
+LEARN = ("train/tests/test_learning.py::test_one_training_step_computes_the_flow_matching_loss_by_hand",
+         "train/tests/test_learning.py::test_training_lowers_the_sampling_error_on_held_out_noise")
 
 MUTANTS = [
     # ------------------------------------------------------------------ flow matching
@@ -82,6 +83,11 @@ MUTANTS = [
     M("flow_matching", FM, "return pooled.flatten(1)", "return pooled.transpose(-1, -2).flatten(1)"),
     M("flow_matching", SUP, "target = noise - x0", "target = x0 - noise", LEARN),
     M("flow_matching", SUP, "x_t = interpolate(x0, noise, sigma)", "x_t = interpolate(noise, x0, sigma)", LEARN),
+    M("flow_matching", SUP, "pixel_mask_to_tokens(region),\n                            cfg.masked_loss_weight)",
+      "pixel_mask_to_tokens(region),\n                            1.0)", LEARN),
+    M("flow_matching", SUP, "region[i, :, top:bottom, left:right] = 1", "region[i] = 1", LEARN),
+    M("flow_matching", SUP, "normal = torch.stack([torch.randn((), generator=g) for g in draws])",
+      "normal = torch.zeros(len(draws))", LEARN),
 
     # ------------------------------------------------------------------ checkpointing
     M("checkpointing", CK, "return sorted(found, key=lambda sp: sp[0])", "return sorted(found, key=lambda sp: sp[1].name)"),
