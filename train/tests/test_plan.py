@@ -115,9 +115,12 @@ def test_recommended_eight_gpu_configuration_fits_80_gb(recommended):
     assert copied.row("ddp_buckets").device == 4 * 3_018_043_904
     assert copied.peak.device == plan.peak.device + 4 * 3_018_043_904
     assert any("gradient_as_bucket_view=True" in a for a in copied.advice)
-    # one process holds no buckets at all
+    # one process holds no buckets at all; with several, DDP's buckets (the gradients, as views) stay allocated
+    # through the rollouts too, when a single process has no gradients
     single = plan_for_config(recommended, num_processes=1, gpu_memory_gb=80, ddp_bucket_view=False)
     assert single.fits and single.peak.device == plan.peak.device
+    rollout = {p.name: p.device for p in single.phases}["NFT: rollout step"]
+    assert {p.name: p.device for p in plan.phases}["NFT: rollout step"] == rollout + 4 * 3_018_043_904
 
 
 @pytest.mark.slow
@@ -216,3 +219,44 @@ def test_working_memory_grows_with_batch_and_shrinks_with_checkpointing(narrow_s
     two = max(_depth_peaks(spec, StepShape(**{**shape.__dict__, "batch": 2}))["train"].values())
     ckpt = max(_depth_peaks(spec, StepShape(**{**shape.__dict__, "checkpointing": True}))["train"].values())
     assert two > one > ckpt > 0
+
+
+# ---------------------------------------------------------------------------------------------- FLOPs
+def _adapter_flops_by_hand(spec: ModelSpec, image_tokens: int, text_tokens: int, num_tokens: int) -> int:
+    """The style adapter's matmul and attention FLOPs in one forward (2 per multiply-add), from SPEC §3."""
+    t = spec.transformer
+    e, d, n = spec.style_dim, t["joint_attention_dim"], num_tokens
+    inner = t["num_attention_heads"] * t["attention_head_dim"]
+    double, single = spec.blocks
+    mlp = 2 * e * 2 * e + 2 * 2 * e * d * n
+    qformer = 2 * e * 2 * e + 2 * 2 * e * d * 32 + 2 * (2 * n * d * d) + 2 * (2 * 32 * d * d) + 2 * (2 * n * 32 * d)
+    kv = (double + single) * 2 * (2 * n * d * inner)
+    style_attention = double * 2 * (2 * image_tokens * n * inner) + single * 2 * (2 * (image_tokens + text_tokens) * n * inner)
+    return mlp + qformer + kv + style_attention
+
+
+@pytest.mark.slow
+def test_adapter_flops_match_the_hand_count_and_extrapolation_is_exact(narrow_spec):
+    from train.flops import _transformer_at_depth, transformer_flops
+
+    canvas, text, tokens = (80, 64), 8, 4
+    counted = transformer_flops(narrow_spec, canvas, text, tokens)
+    assert counted == _transformer_at_depth(narrow_spec, canvas, text, tokens, 1, "bf16")
+    image_tokens = (canvas[0] // 16) * (canvas[1] // 16)
+    assert counted["forward"] - counted["base_forward"] == _adapter_flops_by_hand(narrow_spec, image_tokens, text, tokens)
+
+
+@pytest.mark.slow
+def test_full_size_forward_is_the_spec_yardstick_and_steps_compose_it():
+    from train.flops import flop_report
+
+    report = flop_report(ModelSpec.full(), (512, 512), 512, 128)
+    parts = report["parts_gflop"]
+    assert abs(parts["base_forward"] - 21_500) < 0.01 * 21_500  # SPEC §13: ~21.5 TFLOP per 512² forward
+    adapter = _adapter_flops_by_hand(ModelSpec.full(), 1024, 512, 128) / 1e9
+    assert abs(parts["forward"] - parts["base_forward"] - adapter) < 0.01
+    steps = report["steps"]
+    fwd, bwd = parts["forward"], parts["backward"]
+    assert steps["NFT trained step"]["gflop"] == pytest.approx(3 * fwd + bwd, abs=0.01)
+    assert steps["GRPO trained step"]["gflop"] == pytest.approx(2 * fwd + bwd, abs=0.01)
+    assert steps["supervised step"]["gflop"] == pytest.approx(2 * parts["vae_encode"] + fwd + bwd, abs=0.01)
