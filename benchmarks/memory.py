@@ -76,7 +76,7 @@ def run(quick: bool = False) -> dict:
     for name, (argv, processes) in CONFIGS.items():
         if quick and name != "NFT + EMA, recommended (1 GPU)":
             continue
-        rows[name] = plan_row(argv, processes, spec)
+        rows[name] = plan_row(argv + (["--rl_warmup_steps", "0"] if quick else []), processes, spec)
         if processes > 1:
             rows[name + ", gradient_as_bucket_view=True"] = plan_row(argv, processes, spec, bucket_view=True)
     from train.plan_model import ModelSpec

@@ -210,7 +210,7 @@ def rl(method: str, models, data, work: Path, epochs: int, num_steps: int, fract
     sigmas = trainer.model.sigmas(num_steps, cond.cond_latents.shape[1])
     grpo = method == "grpo"
     loops = []
-    for _ in range(2):
+    for _ in range(2 if epochs > 1 else 1):
         clock.reset()
         t0 = time.perf_counter()
         sample_trajectory(trainer, cond, image_generators(cfg, 0, 0, image_keys), sigmas,
@@ -262,9 +262,9 @@ def run(quick: bool = False, size: str = "proxy", workdir: Path | None = None) -
         models = write_proxy_models(work / "models")
         data = synthesize(work / "data", num=8, resolution=128, seed=0)
         if quick:
-            sup = supervised(models, data, work, chunks=1, steps=4)
-            grpo = rl("grpo", models, data, work, epochs=1, num_steps=3, fraction=0.5)
-            nft = rl("nft", models, data, work, epochs=1, num_steps=3, fraction=0.34)
+            sup = supervised(models, data, work, chunks=1, steps=2)
+            grpo = rl("grpo", models, data, work, epochs=1, num_steps=2, fraction=1.0)
+            nft = rl("nft", models, data, work, epochs=1, num_steps=2, fraction=0.5)
         else:
             sup = supervised(models, data, work, chunks=5, steps=10)
             grpo = rl("grpo", models, data, work, epochs=5, num_steps=50, fraction=0.2)

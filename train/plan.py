@@ -163,12 +163,14 @@ def _size(dtype: torch.dtype) -> int:
 
 def plan_for_config(cfg: TrainConfig, num_processes: int = 1, gpu_memory_gb: float | None = None,
                     spec: ModelSpec | None = None, ddp_bucket_view: bool | None = None,
-                    suggest: bool = True) -> Plan:
+                    suggest: bool = True, working_memory: bool | None = None) -> Plan:
     """The per-process memory plan of ``cfg``.
 
     ``gpu_memory_gb``: GiB per GPU; None = the visible CUDA device's, or no verdict without one.
     ``spec``: model dimensions (default: from the config's model paths, else full size).
     ``ddp_bucket_view``: whether DDP gradients are bucket views (default: the trainer's setting).
+    ``working_memory``: measure each phase's working memory on fake tensors (seconds at full size);
+    default: when there is a GPU size to compare with, so a CPU run's start-up stays quick.
     """
     if spec is None:
         paths = cfg.pretrained_model_name_or_path, cfg.siglip_path
@@ -176,7 +178,9 @@ def plan_for_config(cfg: TrainConfig, num_processes: int = 1, gpu_memory_gb: flo
     if gpu_memory_gb is None and torch.cuda.is_available():
         gpu_memory_gb = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / GiB
     views = ddp_gradient_views() if ddp_bucket_view is None else ddp_bucket_view
-    plan = _plan(cfg, num_processes, gpu_memory_gb, spec, views)
+    if working_memory is None:
+        working_memory = gpu_memory_gb is not None
+    plan = _plan(cfg, num_processes, gpu_memory_gb, spec, views, working_memory)
     if suggest and plan.fits is False:
         plan.suggestions = _suggest(cfg, num_processes, gpu_memory_gb, spec, views)
         if not plan.suggestions:
@@ -192,7 +196,7 @@ def format_plan(cfg: TrainConfig, num_processes: int = 1, gpu_memory_gb: float |
 
 
 def _plan(cfg: TrainConfig, num_processes: int, gpu_memory_gb: float | None, spec: ModelSpec,
-          views: bool) -> Plan:
+          views: bool, working_memory: bool = True) -> Plan:
     wdt = DTYPES[cfg.mixed_precision]
     comp = count_components(spec, wdt, cfg.num_tokens)
     numels, n = comp.adapter_numels, comp.trainable
@@ -250,21 +254,29 @@ def _plan(cfg: TrainConfig, num_processes: int, gpu_memory_gb: float | None, spe
     base = comp.transformer + comp.vae + comp.siglip
     held = base + 4 * n + grads_held + buckets + opt_dev + (0 if ema_host else ema)
     phases = [Phase("set-up: prompt-cache fill", base + 4 * n + (0 if cfg.offload_text_encoder_two else encoders))]
-    opt_tmp = 0 if cfg.use_8bit_adam else optimizer_step_bytes(tuple(numels), True, cfg.max_grad_norm)
+    opt_tmp = 0 if cfg.use_8bit_adam or not working_memory else optimizer_step_bytes(tuple(numels), True,
+                                                                                       cfg.max_grad_norm)
+
+    def simulate(step: StepShape) -> dict[str, int]:
+        if working_memory:
+            return simulate_step(spec, step)
+        # state only: a backward without accumulation still creates the gradients
+        return {"train": 0 if step.grads_exist else grads_when_stepping, "rollout": 0, "vae_encode": 0,
+                "vae_decode": 0}
+
     accumulating = cfg.gradient_accumulation_steps > 1 or bool(grads_held)
     shape = StepShape("supervised", cfg.train_batch_size, (h, w), text_tokens, cfg.num_tokens, cfg.mixed_precision,
                       cfg.gradient_checkpointing, accumulating, False, cfg.rl_copy_dtype)
     work = {}
     if not cfg.use_rl or cfg.rl_warmup_steps > 0:
-        sim = simulate_step(spec, shape)  # without accumulation its peak includes the gradients it creates
+        sim = simulate(shape)  # without accumulation its peak includes the gradients it creates
         grads = grads_when_stepping if accumulating else 0
         phases += [Phase("supervised: VAE encodes", held + grads + sim["vae_encode"]),
                    Phase("supervised: forward/backward", held + grads + sim["train"]),
                    Phase("supervised: optimizer step", held + grads_when_stepping + opt_tmp)]
         work["supervised"] = sim["train"] - (0 if accumulating else grads_when_stepping)
     if cfg.use_rl:  # RL accumulates over the trained steps: gradients exist during each backward
-        sim = simulate_step(spec, replace(shape, method=cfg.rl_method, grads_exist=True,
-                                          reference=cfg.rl_kl_beta > 0))
+        sim = simulate(replace(shape, method=cfg.rl_method, grads_exist=True, reference=cfg.rl_kl_beta > 0))
         state = held + rl_ref + rl_old + buffers
         m = cfg.rl_method.upper()
         phases += [Phase(f"{m}: rollout step", state + sim["rollout"]),
@@ -276,7 +288,8 @@ def _plan(cfg: TrainConfig, num_processes: int, gpu_memory_gb: float | None, spe
         work[cfg.rl_method] = sim["train"]
     largest = max(work, key=work.get)
     rows += [Row("working", "step working memory (estimate)", work[largest], 0, f"{largest} forward/backward: "
-                 "activations, autocast weight copies, workspaces"),
+                 "activations, autocast weight copies, workspaces" if working_memory else
+                 "not estimated without a GPU size: python -m train.plan --gpu_memory_gb N"),
              Row("optimizer_temporaries", "optimizer-step temporaries", opt_tmp, 0,
                  "foreach AdamW intermediates" if opt_tmp else "")]
     plan = Plan(spec.source, _describe(cfg, num_processes, (image_tokens, text_tokens)), rows, phases,
