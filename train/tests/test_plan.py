@@ -61,7 +61,7 @@ def test_state_bytes_equal_the_tensors_a_trainer_holds(tiny_models, data, tmp_pa
     supervised_loss(trainer, batch, keys, training_sigmas(trainer.model)).backward()
     model, adapter = trainer.model, trainer.model.adapter
 
-    plan = plan_for_config(cfg, num_processes=1, gpu_memory_gb=1.0)
+    plan = plan_for_config(cfg, num_processes=1, gpu_memory_gb=2.0)
     row = plan.row
     assert model.pipe.text_encoder is None and model.pipe.text_encoder_2 is None  # freed after the prompt cache
     assert row("text_encoders").device == 0
@@ -260,3 +260,16 @@ def test_full_size_forward_is_the_spec_yardstick_and_steps_compose_it():
     assert steps["NFT trained step"]["gflop"] == pytest.approx(3 * fwd + bwd, abs=0.01)
     assert steps["GRPO trained step"]["gflop"] == pytest.approx(2 * fwd + bwd, abs=0.01)
     assert steps["supervised step"]["gflop"] == pytest.approx(2 * parts["vae_encode"] + fwd + bwd, abs=0.01)
+
+
+def test_without_a_gpu_size_the_plan_holds_state_only_and_no_verdict(narrow_spec):
+    if torch.cuda.is_available():
+        pytest.skip("a visible GPU gives the plan a size")
+    cfg = parse_plan_args(["--resolution", "64", "--max_sequence_length", "8", "--num_tokens", "4"])[0]
+    plan = plan_for_config(cfg, spec=narrow_spec)
+    assert plan.fits is None and plan.row("working").device == 0 and "not estimated" in plan.row("working").note
+    phases = {p.name: p.device for p in plan.phases}
+    # the state only: the forward/backward phase adds exactly the gradients it creates
+    assert phases["supervised: forward/backward"] - phases["supervised: VAE encodes"] == plan.row("grads").device
+    measured = plan_for_config(cfg, gpu_memory_gb=2.0, spec=narrow_spec)
+    assert measured.row("working").device > 0 and measured.fits is True
