@@ -43,7 +43,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small settings, seconds per benchmark (for tests)")
-    parser.add_argument("--only", default=",".join(NAMES), help=f"comma-separated subset of {', '.join(NAMES)}")
+    parser.add_argument("--only", default=",".join(NAMES),
+                        help=f"comma-separated subset of {', '.join(NAMES)} ('' rebuilds the table only)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder of the results/*.json files")
     parser.add_argument("--readme", type=Path, default=REPO / "benchmarks" / "README.md",
                         help="README whose results table is rebuilt")

@@ -1,4 +1,4 @@
-"""Shared by the benchmarks: machine and commit stamps, median timing, atomic JSON results."""
+"""Shared by the benchmarks: machine and commit stamps, a CPU-time clock, atomic JSON results."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import datetime
 import json
 import os
 import platform
-import statistics
 import subprocess
 import tempfile
 import time
@@ -47,27 +46,6 @@ def commit() -> str:
 
 def stamp() -> dict:
     return {"machine": machine(), "date": datetime.date.today().isoformat(), "commit": commit()}
-
-
-def timings(fn, repeats: int, warmup: int = 1) -> list[float]:
-    """Times of ``repeats`` calls of ``fn()`` on ``time.perf_counter``, after ``warmup`` untimed ones."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return times
-
-
-def median_time(fn, repeats: int, warmup: int = 1) -> float:
-    return statistics.median(timings(fn, repeats, warmup))
-
-
-def best_time(fn, repeats: int, warmup: int = 1) -> float:
-    """The shortest of the timings: load from elsewhere only ever adds time."""
-    return min(timings(fn, repeats, warmup))
 
 
 @contextmanager

@@ -29,7 +29,8 @@ CONFIGS = {
                                                         "cpu", "--use_8bit_adam"], 8),
     "supervised, examples/train_supervised.sh (8 GPUs, DDP)": (COMMON + ["--gradient_accumulation_steps", "4",
                                                                          "--use_ema", "--ema_device", "cpu"], 8),
-    "NFT + EMA with defaults (fp32 AdamW, EMA on the GPU)": (COMMON + ["--use_rl", "--rl_method", "nft", "--use_ema"], 1),
+    "NFT + EMA with defaults (fp32 AdamW, EMA on the GPU)": (COMMON + ["--use_rl", "--rl_method", "nft",
+                                                                       "--use_ema"], 1),
 }
 
 

@@ -86,8 +86,8 @@ def memory_rows(r: dict) -> list[tuple[str, str, str]]:
     for name, c in r["configurations"].items():
         verdict = "fits 80 GB" if c["fits_80gb"] else "does not fit 80 GB" + (
             f"; fits with {c['fits_with'][0]}" if c["fits_with"] else "")
-        rows.append((f"Peak GPU memory per process ({size}): {name}", f"{c['peak_gib']:.1f} GiB, {verdict} "
-                     f"({c['peak_phase']}; host {c['host_gib']:.1f} GiB)", f"≤ {c['usable_gib']:.1f} GiB usable"))
+        rows.append((f"Peak GPU memory per process ({size}): {name}", f"{c['peak_gib']:.2f} GiB, {verdict} "
+                     f"({c['peak_phase']}; host {c['host_gib']:.1f} GiB)", f"≤ {c['usable_gib']:.2f} GiB usable"))
     for method, b in r["bytes_per_trainable_param"].items():
         rows.append((f"Bytes per trainable param beyond the base, {method}, planner ({size})",
                      f"{b['no_ema']:g} without EMA; {b['ema_on_device']:g} EMA on device; "

@@ -78,8 +78,8 @@ def test_full_size_step_timing_runs_on_the_proxy(tmp_path):
 
 
 def _payload(**train):
-    results = {"supervised": {"overhead": 1.30, "vae_encodes_share_of_step": 0.2, "overhead_with_cached_vae_encodes": 1.1,
-                              "optimizer_step_share": 0.1,
+    results = {"supervised": {"overhead": 1.30, "vae_encodes_share_of_step": 0.2, "optimizer_step_share": 0.1,
+                              "overhead_with_cached_vae_encodes": 1.1,
                               "text_encoder_calls_during_training": 0, "epochs_trained": 2.0,
                               "bytes_per_trainable_param": {"no_ema": 16, "ema_on_cpu": 16, "ema_on_cpu_host": 4,
                                                             "ema_on_device": 20}}}

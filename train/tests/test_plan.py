@@ -10,7 +10,7 @@ import torch
 from train.config import parse_args
 from train.data.synthesize import synthesize
 from train.plan import main, parse_plan_args, plan_for_config
-from train.plan_memory import LiveBytes, StepShape, _depth_peaks, simulate_step, transformer_peaks
+from train.plan_memory import LiveBytes, StepShape, _depth_peaks, transformer_peaks
 from train.plan_model import ModelSpec, adamw8bit_state_bytes, count_components
 from train.supervised import supervised_loss, training_sigmas
 from train.tests.rl_helpers import rl_args
@@ -231,7 +231,8 @@ def _adapter_flops_by_hand(spec: ModelSpec, image_tokens: int, text_tokens: int,
     mlp = 2 * e * 2 * e + 2 * 2 * e * d * n
     qformer = 2 * e * 2 * e + 2 * 2 * e * d * 32 + 2 * (2 * n * d * d) + 2 * (2 * 32 * d * d) + 2 * (2 * n * 32 * d)
     kv = (double + single) * 2 * (2 * n * d * inner)
-    style_attention = double * 2 * (2 * image_tokens * n * inner) + single * 2 * (2 * (image_tokens + text_tokens) * n * inner)
+    style_attention = (double * 2 * (2 * image_tokens * n * inner)
+                       + single * 2 * (2 * (image_tokens + text_tokens) * n * inner))
     return mlp + qformer + kv + style_attention
 
 
@@ -243,7 +244,8 @@ def test_adapter_flops_match_the_hand_count_and_extrapolation_is_exact(narrow_sp
     counted = transformer_flops(narrow_spec, canvas, text, tokens)
     assert counted == _transformer_at_depth(narrow_spec, canvas, text, tokens, 1, "bf16")
     image_tokens = (canvas[0] // 16) * (canvas[1] // 16)
-    assert counted["forward"] - counted["base_forward"] == _adapter_flops_by_hand(narrow_spec, image_tokens, text, tokens)
+    by_hand = _adapter_flops_by_hand(narrow_spec, image_tokens, text, tokens)
+    assert counted["forward"] - counted["base_forward"] == by_hand
 
 
 @pytest.mark.slow
