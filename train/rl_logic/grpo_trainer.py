@@ -24,7 +24,9 @@ from ..models.calligrapher import FillConditioning
 from ..rl_ip.grpo_utils import grpo_loss
 from ..rl_ip.sampling import choose_train_steps, sde_step_with_logprob, sde_window
 from .rollout import (collect_rewards, decode, end_of_epoch, image_generators, keyed_generator, reward_items,
-                      rollout_batch, sample_trajectory, start_rl)
+                      rollout_batch, sample_trajectory, start_rl, step_metrics)
+
+GRPO_METRICS = ("loss", "policy_loss", "kl", "approx_kl", "clipfrac", "ratio_mean")  # averaged per optimizer step
 
 
 def train_grpo(trainer, end: int) -> None:
@@ -123,7 +125,8 @@ def grpo_update(trainer, ctx, batches, rewards, end: int) -> dict[str, float]:
                 infos.append({**info, "loss": loss.detach()})
                 if not acc.sync_gradients:
                     continue
-                last = _step_metrics(acc, infos, grad_norm, time.perf_counter() - step_start)
+                last = step_metrics(acc, infos, GRPO_METRICS, ("ratio",), grad_norm,
+                                    time.perf_counter() - step_start)
                 trainer.after_optimizer_step(last, progress={"reward": rewards.metrics["reward/mean"]},
                                              checkpoint_now=False)
                 infos, step_start = [], time.perf_counter()
@@ -131,17 +134,3 @@ def grpo_update(trainer, ctx, batches, rewards, end: int) -> dict[str, float]:
                     return last
     return last
 
-
-def _step_metrics(acc, infos: list[dict], grad_norm, elapsed: float) -> dict[str, float]:
-    """Mean of each loss term over the step's backwards and all processes; extremes for the ratio."""
-    names = ("loss", "policy_loss", "kl", "approx_kl", "clipfrac", "ratio_mean")
-    local = torch.stack([torch.stack([i[n].float() for i in infos]).mean() for n in names]
-                        + [torch.stack([i["ratio_min"].float() for i in infos]).min(),
-                           -torch.stack([i["ratio_max"].float() for i in infos]).max()])
-    gathered = acc.gather(local[None].to(acc.device)).cpu()
-    out = {f"train/{n}": gathered[:, k].mean().item() for k, n in enumerate(names)}
-    out["train/ratio_min"] = gathered[:, len(names)].min().item()
-    out["train/ratio_max"] = -gathered[:, len(names) + 1].min().item()
-    out["train/grad_norm"] = grad_norm
-    out["timing/optimizer_step_s"] = elapsed
-    return out

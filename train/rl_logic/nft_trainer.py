@@ -27,7 +27,9 @@ from ..models.calligrapher import FillConditioning
 from ..rl_ip.sampling import nft_train_steps
 from .nft_forward import nft_decay, nft_loss
 from .rollout import (collect_rewards, decode, end_of_epoch, image_generators, keyed_generator, reward_items,
-                      rollout_batch, sample_trajectory, start_rl)
+                      rollout_batch, sample_trajectory, start_rl, step_metrics)
+
+NFT_METRICS = ("loss", "policy_loss", "kl", "old_deviate", "r_mean", "loss_pos", "loss_neg")  # averaged per optimizer step
 
 
 def train_nft(trainer, end: int) -> None:
@@ -113,7 +115,8 @@ def nft_update(trainer, batches, rewards, end: int) -> dict[str, float]:
                 infos.append({**info, "loss": loss.detach()})
                 if not acc.sync_gradients:
                     continue
-                last = _step_metrics(acc, infos, grad_norm, time.perf_counter() - step_start)
+                last = step_metrics(acc, infos, NFT_METRICS, ("r",), grad_norm,
+                                    time.perf_counter() - step_start)
                 trainer.after_optimizer_step(last, progress={"reward": rewards.metrics["reward/mean"]},
                                              checkpoint_now=False)
                 infos, step_start = [], time.perf_counter()
@@ -121,16 +124,3 @@ def nft_update(trainer, batches, rewards, end: int) -> dict[str, float]:
                     return last
     return last
 
-
-def _step_metrics(acc, infos: list[dict], grad_norm, elapsed: float) -> dict[str, float]:
-    names = ("loss", "policy_loss", "kl", "old_deviate", "r_mean", "loss_pos", "loss_neg")
-    local = torch.stack([torch.stack([i[n].float() for i in infos]).mean() for n in names]
-                        + [torch.stack([i["r_min"].float() for i in infos]).min(),
-                           -torch.stack([i["r_max"].float() for i in infos]).max()])
-    gathered = acc.gather(local[None].to(acc.device)).cpu()
-    out = {f"train/{n}": gathered[:, k].mean().item() for k, n in enumerate(names)}
-    out["train/r_min"] = gathered[:, len(names)].min().item()
-    out["train/r_max"] = -gathered[:, len(names) + 1].min().item()
-    out["train/grad_norm"] = grad_norm
-    out["timing/optimizer_step_s"] = elapsed
-    return out

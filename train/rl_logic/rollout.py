@@ -317,3 +317,21 @@ def end_of_epoch(trainer, ctx: RLContext, metrics: dict[str, float], rewards: Ep
     if last or (cfg.rl_eval_every and rl.epoch % cfg.rl_eval_every == 0):
         evaluate_heldout(trainer, ctx)
     trainer.maybe_checkpoint()
+
+
+def step_metrics(acc, infos: list[dict], names: tuple[str, ...], extremes: tuple[str, ...], grad_norm,
+                 elapsed: float) -> dict[str, float]:
+    """One optimizer step's figures: each of ``names`` averaged over the step's backwards and all
+    processes; for each of ``extremes`` (``x``) the minimum of ``x_min`` and the maximum of ``x_max``."""
+    parts = [torch.stack([i[n].float() for i in infos]).mean() for n in names]
+    for x in extremes:
+        parts += [torch.stack([i[f"{x}_min"].float() for i in infos]).min(),
+                  -torch.stack([i[f"{x}_max"].float() for i in infos]).max()]
+    gathered = acc.gather(torch.stack(parts)[None].to(acc.device)).cpu()
+    out = {f"train/{n}": gathered[:, k].mean().item() for k, n in enumerate(names)}
+    for j, x in enumerate(extremes):
+        out[f"train/{x}_min"] = gathered[:, len(names) + 2 * j].min().item()
+        out[f"train/{x}_max"] = -gathered[:, len(names) + 2 * j + 1].min().item()
+    out["train/grad_norm"] = grad_norm
+    out["timing/optimizer_step_s"] = elapsed
+    return out
