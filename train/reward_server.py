@@ -16,8 +16,8 @@ images that together decode to more than ``--max_request_pixels`` (read from the
 before anything is decoded), a body above ``--max_body_mb``. Malformed JSON or a schema
 violation -> 422; a missing or wrong token -> 401. Memory: besides the request bodies being
 read, the worker holds at most one batch of ``--max_request_pixels`` decoded pixels (4 bytes
-each at most) plus one full image being cropped; only the images the requested scorers read are
-decoded. Tracebacks go to the server's log, never into a reply.
+each at most) plus one full image being cropped, and the decoded images items share (mask, reference,
+source: ``--image_cache_mb``, LRU); only the images the requested scorers read are decoded. Tracebacks go to the server's log, never into a reply.
 
 Requests are parsed on the event loop; one worker thread decodes and scores, grouping
 concurrent requests into a single call per scorer. Decoding there rather than in a thread
@@ -51,12 +51,13 @@ from pydantic import ValidationError
 from train.rewards.base import (API_VERSION, CROP_ONLY_SCORERS, SCORER_INPUTS, SCORER_NAMES, ItemScore, RewardItem,
                                 RewardResult, Scorer, combine_item, crop_window, describe_exception,
                                 parse_reward_weights)
-from train.rewards.codec import ImageDecodeError, ImageTooLargeError, decode_png_b64, png_size_b64
+from train.rewards.codec import DecodeCache, ImageDecodeError, ImageTooLargeError, decode_png_b64, png_size_b64
 from train.rewards.schema import (DEFAULT_MAX_BODY_MB, DEFAULT_MAX_ITEMS, DEFAULT_MAX_PIXELS,
                                   DEFAULT_MAX_REQUEST_PIXELS, IMAGE_FIELDS, OPTIONAL_IMAGE_FIELDS, Health, ItemIn,
                                   ScoreRequest, result_json, short_errors)
 
 EXIT_PORT_BUSY = 3
+DEFAULT_IMAGE_CACHE_MB = 256.0
 
 
 @dataclass
@@ -77,11 +78,15 @@ class Batcher:
     A merged batch holds at most ``max_batch_items`` items and ``max_batch_pixels`` decoded
     pixels (a job that would exceed either starts the next batch). Images are decoded one item
     at a time, and cropped to the mask window right away when only crop-reading scorers run.
+    The images items share (mask, reference, source) go through a ``DecodeCache`` of ``cache_bytes``:
+    a group's k items, and later requests, decode each of them once.
     """
 
     def __init__(self, scorers: dict[str, Scorer], max_batch_items: int = DEFAULT_MAX_ITEMS, window_s: float = 0.005,
-                 max_pixels: int | None = None, max_batch_pixels: int = DEFAULT_MAX_REQUEST_PIXELS):
+                 max_pixels: int | None = None, max_batch_pixels: int = DEFAULT_MAX_REQUEST_PIXELS,
+                 cache_bytes: int = int(DEFAULT_IMAGE_CACHE_MB * 2**20)):
         self.scorers, self.max_batch_items, self.window_s = scorers, max_batch_items, window_s
+        self.shared_images = DecodeCache(cache_bytes)
         self.max_pixels, self.max_batch_pixels = max_pixels, max_batch_pixels
         self._queue: queue.Queue = queue.Queue()
         self._incoming = 0
@@ -162,7 +167,8 @@ class Batcher:
         raw: ItemIn = job.items[i]
         job.items[i] = None  # the base64 text is no longer needed
         try:
-            images = {f: decode_png_b64(getattr(raw, f), self.max_pixels, "L" if f == "mask" else "RGB")
+            images = {f: (decode_png_b64 if f == "image" else self.shared_images.decode)(
+                          getattr(raw, f), self.max_pixels, "L" if f == "mask" else "RGB")
                       if f in job.fields and getattr(raw, f) is not None else None for f in IMAGE_FIELDS}
         except (ImageDecodeError, ImageTooLargeError) as exc:
             return RewardResult(raw.id, None, {}, {}, f"bad image: {exc}")
@@ -197,7 +203,7 @@ def _bearer_matches(header: str, token: str) -> bool:
 def create_app(scorers: dict[str, Scorer], token: str | None = None, max_items: int = DEFAULT_MAX_ITEMS,
                max_pixels: int = DEFAULT_MAX_PIXELS, max_body_mb: float = DEFAULT_MAX_BODY_MB,
                batch_window_ms: float = 5.0, max_batch_items: int | None = None, device: str | None = None,
-               max_request_pixels: int = DEFAULT_MAX_REQUEST_PIXELS):
+               max_request_pixels: int = DEFAULT_MAX_REQUEST_PIXELS, image_cache_mb: float = DEFAULT_IMAGE_CACHE_MB):
     """The FastAPI app; see the module docstring for the protocol.
 
     With a ``token`` the interactive docs and the OpenAPI schema are not served.
@@ -208,7 +214,7 @@ def create_app(scorers: dict[str, Scorer], token: str | None = None, max_items: 
         raise ValueError(f"max_request_pixels ({max_request_pixels}) must be >= max_pixels ({max_pixels})")
     device = device or next((s.device for s in scorers.values() if s.device != "cpu"), "cpu")
     batcher = Batcher(scorers, max_batch_items or max(max_items, 1), batch_window_ms / 1000.0, max_pixels,
-                      max_request_pixels)
+                      max_request_pixels, int(image_cache_mb * 2**20))
     max_body = int(max_body_mb * 1024 * 1024)
 
     @asynccontextmanager
@@ -339,6 +345,9 @@ def main(argv=None) -> None:
                         help="most pixels all decoded images of one request (and of one merged batch) may have "
                              "(413 above); bounds the worker's memory at about 4 bytes per pixel")
     parser.add_argument("--max_body_mb", type=float, default=DEFAULT_MAX_BODY_MB, help="largest request body (413 above)")
+    parser.add_argument("--image_cache_mb", type=float, default=DEFAULT_IMAGE_CACHE_MB,
+                        help="memory for decoded masks, references and sources that items and requests share "
+                             "(LRU, keyed by the base64 text; 0 = off)")
     parser.add_argument("--batch_window_ms", type=float, default=5.0,
                         help="how long the batcher waits for requests still being parsed")
     parser.add_argument("--torch_threads", type=int, default=None,
@@ -348,6 +357,8 @@ def main(argv=None) -> None:
     for flag in ("max_items", "max_pixels", "max_request_pixels"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if not args.image_cache_mb >= 0:
+        parser.error(f"--image_cache_mb must be >= 0, got {args.image_cache_mb}")
     if args.max_request_pixels < args.max_pixels:
         parser.error(f"--max_request_pixels ({args.max_request_pixels}) must be >= --max_pixels ({args.max_pixels})")
     if args.torch_threads:
@@ -367,7 +378,7 @@ def main(argv=None) -> None:
               file=sys.stderr)
     app = create_app(scorers, token=args.token, max_items=args.max_items, max_pixels=args.max_pixels,
                      max_request_pixels=args.max_request_pixels, max_body_mb=args.max_body_mb,
-                     batch_window_ms=args.batch_window_ms, device=args.device)
+                     batch_window_ms=args.batch_window_ms, device=args.device, image_cache_mb=args.image_cache_mb)
     try:
         sock = _bind(args.host, args.port)
     except OSError as exc:

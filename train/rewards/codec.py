@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import io
 import struct
+import threading
 import zlib
+from collections import OrderedDict
 
 import numpy as np
 from PIL import Image
@@ -164,3 +167,86 @@ def _decode(data: str, max_pixels: int | None) -> Image.Image:
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise ImageDecodeError(f"corrupt PNG: {exc}") from None
     return img
+
+
+
+def content_key(image: Image.Image) -> bytes:
+    """SHA-256 of an image's mode, size and pixels: equal exactly when those are (collisions aside)."""
+    h = hashlib.sha256(f"{image.mode}:{image.size[0]}x{image.size[1]}:".encode())
+    h.update(image.tobytes())
+    return h.digest()
+
+
+class LRU:
+    """A thread-safe mapping that keeps at most ``max_bytes`` (as each ``put`` sizes its value) and
+    drops the least recently used entries first; ``max_bytes=0`` keeps nothing."""
+
+    def __init__(self, max_bytes: int):
+        if not max_bytes >= 0:
+            raise ValueError(f"cache size must be >= 0 bytes, got {max_bytes}")
+        self.max_bytes, self.bytes = int(max_bytes), 0
+        self._entries: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key):
+        """The value stored under ``key`` (now the most recent), or ``None``."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                self.misses += 1
+                return None
+            self._entries.move_to_end(key)
+            self.hits += 1
+            return entry[0]
+
+    def put(self, key, value, size: int) -> None:
+        with self._lock:
+            if key in self._entries or size > self.max_bytes:
+                return
+            self._entries[key] = (value, size)
+            self.bytes += size
+            while self.bytes > self.max_bytes:
+                _, (_, dropped) = self._entries.popitem(last=False)
+                self.bytes -= dropped
+
+
+def pil_bytes(image: Image.Image) -> int:
+    """Memory Pillow holds for ``image``'s pixels (multi-band 8-bit images take 4 bytes a pixel)."""
+    return image.width * image.height * (1 if image.mode in ("L", "P", "1") else 4)
+
+
+class DecodeCache(LRU):
+    """Decoded images of repeated base64 PNGs, keyed by the exact base64 text (plus the mode and
+    pixel limit asked for); sized by decoded pixels plus the text.
+
+    The reward server decodes the images that items share through it (a group's source, mask and
+    reference; the same references every epoch), so each is decoded once while it stays cached.
+    Errors are never cached. Cached images are shared between items: callers must not modify them
+    in place (``crop`` and the like return new images).
+    """
+
+    def decode(self, data: str, max_pixels: int | None = None, mode: str | None = None) -> Image.Image:
+        """``decode_png_b64(data, max_pixels, mode)``, from the cache when the same text was decoded before."""
+        key = (data, mode, max_pixels)
+        img = self.get(key)
+        if img is None:
+            img = decode_png_b64(data, max_pixels, mode)  # raises for bad input: nothing is stored
+            self.put(key, img, pil_bytes(img) + len(data))
+        return img
+
+
+class EncodeCache(LRU):
+    """Base64 PNGs of images seen before, keyed by :func:`content_key`; sized by the text."""
+
+    def encode(self, image: Image.Image) -> str:
+        """``encode_png_b64(image)``, from the cache when an image with the same pixels was encoded before."""
+        key = content_key(image)
+        data = self.get(key)
+        if data is None:
+            data = encode_png_b64(image)
+            self.put(key, data, len(data) + 100)
+        return data

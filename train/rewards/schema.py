@@ -83,14 +83,19 @@ class Health(BaseModel):
     max_body_bytes: int
 
 
-def item_json(item: "RewardItem", fields=OPTIONAL_IMAGE_FIELDS) -> dict:
-    """A ``RewardItem`` as a request item, with the optional images in ``fields`` that it has."""
+def item_json(item: "RewardItem", fields=OPTIONAL_IMAGE_FIELDS, encode_shared=None) -> dict:
+    """A ``RewardItem`` as a request item, with the optional images in ``fields`` that it has.
+
+    ``encode_shared`` (default ``encode_png_b64``) encodes those optional images, which items share
+    (e.g. ``EncodeCache.encode``); the generated image is always encoded afresh.
+    """
     from .codec import encode_png_b64
 
+    encode_shared = encode_shared or encode_png_b64
     out = {"id": item.id, "text": item.text, "image": encode_png_b64(item.image)}
     for f in fields:
         if getattr(item, f) is not None:
-            out[f] = encode_png_b64(getattr(item, f))
+            out[f] = encode_shared(getattr(item, f))
     return out
 
 

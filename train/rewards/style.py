@@ -4,20 +4,29 @@ Both images go through exactly what the model does to its style reference (SPEC 
 ``train.data.preprocess.style_image`` (aspect-preserving resize into a 512 square, centred on
 black), then the SigLIP image processor's resize (PIL bicubic to the model's input size) and
 normalisation, so the reward judges the style the way the model sees it. Score = (cos + 1) / 2.
-Normalisation is one batched tensor op (the per-image processor costs more than the tiny-model
-forward), and identical images within a batch (a group's shared reference) are embedded once.
+
+Cost, per image: the bicubic resize runs as its two separable passes with the horizontal one
+over only the rows that hold the image (the black padding's rows resize to black), bit for bit
+PIL's single call. Normalisation is one batched tensor op (the per-image processor costs more
+than the tiny-model forward), one forward embeds the whole batch, identical images within a batch
+are embedded once, and reference embeddings are kept by content in a bounded LRU: the k images of
+a group, and every later epoch, share their reference's. A batch's images are preprocessed on a
+few threads (PIL resizes without holding the GIL).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .base import ItemScore, RewardItem, Scorer, mask_region
+from .codec import LRU, content_key
 
 if TYPE_CHECKING:
     import torch
@@ -25,12 +34,26 @@ if TYPE_CHECKING:
 
 def style_pixels(image, size: int) -> np.ndarray:
     """PIL image -> ``size`` x ``size`` x 3 uint8: the model's style image (``preprocess.style_image``)
-    resized as the SigLIP image processor resizes it (PIL bicubic)."""
+    resized as the SigLIP image processor resizes it (PIL bicubic).
+
+    Equal to ``np.asarray(style_image(image).resize((size, size), Image.BICUBIC))``: PIL resizes 8-bit
+    images horizontally, rounds to 8 bits, then vertically, so two one-axis calls give the same
+    pixels, and a row of black pixels resizes horizontally to black, so only the rows that hold
+    the image need the horizontal pass.
+    """
     from PIL import Image
 
     from train.data.preprocess import style_image
 
-    return np.asarray(style_image(image).resize((size, size), Image.BICUBIC))
+    canvas = style_image(image)
+    bbox = canvas.getbbox()  # columns and rows with a non-black pixel
+    if bbox is None:
+        return np.zeros((size, size, 3), dtype=np.uint8)
+    top, bottom = bbox[1], bbox[3]
+    rows = canvas.crop((0, top, canvas.width, bottom)).resize((size, bottom - top), Image.BICUBIC)
+    tall = Image.new("RGB", (size, canvas.height))
+    tall.paste(rows, (0, top))
+    return np.asarray(tall.resize((size, size), Image.BICUBIC))
 
 
 class StyleScorer(Scorer):
@@ -40,12 +63,16 @@ class StyleScorer(Scorer):
         siglip_path: a folder loadable by ``SiglipVisionModel.from_pretrained``.
         device: torch device for the forward pass.
         batch_size: images per forward.
+        reference_cache: reference embeddings kept (LRU, keyed by the reference's pixels;
+            ``E`` floats each); 0 turns the cache off.
+        threads: threads that preprocess a batch's images (default: the CPU count, at most 4).
     """
 
     name = "style"
     requires = ("reference",)
 
-    def __init__(self, siglip_path, device: str = "cpu", batch_size: int = 64, dtype=None):
+    def __init__(self, siglip_path, device: str = "cpu", batch_size: int = 64, dtype=None,
+                 reference_cache: int = 4096, threads: int | None = None):
         import torch
         from transformers import SiglipVisionModel
 
@@ -59,6 +86,12 @@ class StyleScorer(Scorer):
         mean = torch.tensor(cfg.get("image_mean", [0.5] * 3), dtype=torch.float32)
         std = torch.tensor(cfg.get("image_std", [0.5] * 3), dtype=torch.float32)
         self._scale, self._shift = 1.0 / (255.0 * std), -mean / std  # per channel, channels-last
+        if reference_cache < 0:
+            raise ValueError(f"reference_cache must be >= 0, got {reference_cache}")
+        self.references = LRU(reference_cache)  # content_key(reference) -> embedding [E]; each counts 1
+        self.embedded = 0  # images through SigLIP so far (for tests and logs)
+        self.threads = threads or min(4, os.cpu_count() or 1)
+        self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="style-pixels") if self.threads > 1 else None
 
     def embed(self, images) -> "torch.Tensor":
         """PIL images -> L2-normalised pooled embeddings ``[N, E]`` (float32, CPU)."""
@@ -74,31 +107,57 @@ class StyleScorer(Scorer):
             for chunk in pixels.split(self.batch_size):
                 chunk = chunk.to(self.device, self.model.dtype)
                 outs.append(self.model(pixel_values=chunk).pooler_output.float().cpu())
+        self.embedded += len(arrays)
         return torch.nn.functional.normalize(torch.cat(outs), dim=-1)
 
     def _score_batch(self, items: list[RewardItem]) -> list[ItemScore]:
         results: list[ItemScore | None] = [None] * len(items)
-        unique: dict[bytes, int] = {}
-        arrays, pairs = [], []
-
-        def slot(im) -> int:
-            arr = style_pixels(im, self.size)
-            key = hashlib.blake2b(arr.tobytes(), digest_size=16).digest()
-            if key not in unique:
-                unique[key] = len(arrays)
-                arrays.append(arr)
-            return unique[key]
-
+        images, pairs = [], []  # images to preprocess; (item, row of its crop in `images`, reference key)
+        refs: dict[bytes, object] = {}  # reference content -> cached embedding, or its row in `images`
+        ref_keys: dict[int, bytes] = {}  # id(reference) -> content key (items may share the object)
         for i, item in enumerate(items):
             try:
                 _, box = mask_region(item)
             except ValueError as exc:
                 results[i] = ItemScore.fail(f"style: {exc}")
                 continue
-            pairs.append((i, slot(item.image.crop(box)), slot(item.reference)))
-        if pairs:
-            emb = self._embed_arrays(np.stack(arrays))
-            for i, a, b in pairs:
-                cos = float((emb[a] * emb[b]).sum())
-                results[i] = ItemScore.ok((cos + 1.0) / 2.0, cosine=round(cos, 6))
+            crop = len(images)
+            images.append(item.image.crop(box))
+            rid = id(item.reference)
+            key = ref_keys.get(rid) or ref_keys.setdefault(rid, content_key(item.reference))
+            if key not in refs:
+                cached = self.references.get(key)
+                refs[key] = cached if cached is not None else len(images)
+                if cached is None:
+                    images.append(item.reference)
+            pairs.append((i, crop, key))
+        if not pairs:
+            return results  # type: ignore[return-value]
+        # identical style images (a crop equal to its reference) go through SigLIP once
+        rows, unique, stack = [], {}, []
+        for arr in self._pixels(images):
+            digest = hashlib.blake2b(arr.tobytes(), digest_size=16).digest()
+            if digest not in unique:
+                unique[digest] = len(stack)
+                stack.append(arr)
+            rows.append(unique[digest])
+        emb = self._embed_arrays(np.stack(stack))
+        for key, ref in refs.items():
+            if isinstance(ref, int):
+                refs[key] = emb[rows[ref]].clone()
+                self.references.put(key, refs[key], 1)
+        for i, crop, key in pairs:
+            cos = float((emb[rows[crop]] * refs[key]).sum())
+            results[i] = ItemScore.ok((cos + 1.0) / 2.0, cosine=round(cos, 6))
         return results  # type: ignore[return-value]
+
+    def _pixels(self, images: list) -> list[np.ndarray]:
+        """``style_pixels`` of each image, on ``threads`` threads (PIL resizes without the GIL)."""
+        if self._pool is None or len(images) < 2:
+            return [style_pixels(im, self.size) for im in images]
+        return list(self._pool.map(style_pixels, images, [self.size] * len(images)))
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None

@@ -23,6 +23,7 @@ from pydantic import ValidationError
 
 from train.rewards.base import (CROP_ONLY_SCORERS, SCORER_INPUTS, RewardItem, RewardResult, Scorer,
                                 build_scorers, crop_window, parse_reward_weights, score_items)
+from train.rewards.codec import EncodeCache
 from train.rewards.schema import OPTIONAL_IMAGE_FIELDS, Health, ItemResult, item_json, short_errors
 
 __all__ = ["RewardError", "RewardFunction", "LocalReward", "RemoteReward", "build_reward_fn",
@@ -110,11 +111,13 @@ class RemoteReward(RewardFunction):
     timeouts, 5xx/429 and unreadable replies; a chunk that fails on every URL yields
     per-item errors. Rejections that retrying cannot fix (401, 413, 422, ...) raise
     ``RewardError``. The reward is recomputed here from the returned scores with ``weights``.
+    Masks, references and sources repeat (a group's k items, every epoch): their PNGs are kept by
+    content (``encode_cache_mb``, LRU), so each is encoded once while it stays cached.
     """
 
     def __init__(self, urls: list[str] | str, weights, rank: int = 0, world_size: int = 1, chunk_size: int = 16,
                  max_workers: int = 4, timeout: float = 60.0, retries: int = 3, backoff: float = 0.5,
-                 health_wait: float = 60.0, token: str | None = None):
+                 health_wait: float = 60.0, token: str | None = None, encode_cache_mb: float = 64.0):
         import httpx
 
         super().__init__()
@@ -122,8 +125,8 @@ class RemoteReward(RewardFunction):
             urls = [u.strip() for u in urls.split(",") if u.strip()]
         if not urls:
             raise ValueError("RemoteReward needs at least one server URL")
-        if chunk_size < 1 or max_workers < 1 or retries < 0 or timeout <= 0:
-            raise ValueError("chunk_size and max_workers must be >= 1, retries >= 0, timeout > 0")
+        if chunk_size < 1 or max_workers < 1 or retries < 0 or timeout <= 0 or not encode_cache_mb >= 0:
+            raise ValueError("chunk_size and max_workers must be >= 1, retries >= 0, timeout > 0, encode_cache_mb >= 0")
         n = len(urls)
         self.urls = [urls[(rank + i) % n].rstrip("/") for i in range(n)]  # primary first
         self.weights, self.rank, self.world_size = _weights(weights), rank, world_size
@@ -133,6 +136,7 @@ class RemoteReward(RewardFunction):
         self._fields = [f for f in OPTIONAL_IMAGE_FIELDS if any(f in SCORER_INPUTS[name] for name in self.weights)]
         # ... and only the part of the image they read, when no scorer needs the whole picture.
         self._crop = all(n in CROP_ONLY_SCORERS for n in self.weights)
+        self.shared_pngs = EncodeCache(int(encode_cache_mb * 2**20))
         token = token if token is not None else os.environ.get("REWARD_SERVER_TOKEN")
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._client = httpx.Client(headers=headers, timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
@@ -213,7 +217,7 @@ class RemoteReward(RewardFunction):
                     it = RewardItem(it.id, it.image.crop(box), it.text, it.mask.crop(box), it.reference, it.source)
                 except ValueError:
                     pass  # an empty mask: send it whole and let the server report the error
-            items.append(item_json(it, self._fields))
+            items.append(item_json(it, self._fields, self.shared_pngs.encode))
         return {"items": items, "weights": self.weights}
 
     def _score_chunk(self, chunk: list[RewardItem]) -> list[RewardResult]:
