@@ -270,3 +270,27 @@ def test_eight_concurrent_clients_fifty_requests_each():
         [t.join(timeout=120) for t in threads]
         assert not errors, errors[:3]
         assert sorted(done) == list(range(8))
+
+
+def test_shared_images_are_encoded_once_by_content_and_the_wire_is_unchanged():
+    from train.rewards.schema import item_json
+
+    fn = RemoteReward("http://127.0.0.1:9", "background=1.0", encode_cache_mb=1)  # never connects here
+    group = items(4)  # equal masks and sources, each its own object
+    assert fn._payload(group) == {"items": [item_json(it, ["mask", "source"]) for it in group],
+                                  "weights": {"background": 1.0}}
+    assert (fn.shared_pngs.misses, fn.shared_pngs.hits) == (2, 6)  # one mask, one source
+    fn._payload(items(4, "again"))
+    assert (fn.shared_pngs.misses, fn.shared_pngs.hits) == (2, 14)
+    moved = items(1)[0]
+    moved.source.putpixel((0, 0), (1, 2, 3))
+    sent = fn._payload([moved])["items"][0]["source"]
+    assert fn.shared_pngs.misses == 3 and decode_png_b64(sent).tobytes() == moved.source.tobytes()
+    small = RemoteReward("http://127.0.0.1:9", "background=1.0", encode_cache_mb=1e-3)  # ~1 kB
+    for i in range(12):  # 13 distinct PNGs of ~200 bytes (text + 100 counted per entry)
+        small._payload([replace(items(1)[0], source=Image.new("RGB", (16, 16), (i, 0, 0)))])
+    assert 0 < len(small.shared_pngs) < 13 and small.shared_pngs.bytes <= small.shared_pngs.max_bytes
+    for f in (fn, small):
+        f.close()
+    with pytest.raises(ValueError, match="encode_cache_mb >= 0"):
+        RemoteReward("http://127.0.0.1:9", "background=1.0", encode_cache_mb=-1)

@@ -21,7 +21,7 @@ from train.reward_server import Batcher, Job, create_app
 from train.rewards import BackgroundScorer, ContrastScorer, ItemScore, OCRScorer, Scorer
 from train.rewards.codec import encode_png_b64
 from train.rewards.schema import ItemIn, item_json
-from train.tests.reward_helpers import REPO, ServerThread, peak_rss_mb, render_scene, spawn_server
+from train.tests.reward_helpers import REPO, ServerThread, peak_rss_mb, render_scene, spawn_server, tiny_siglip  # noqa: F401
 
 
 def payload(items, weights=None) -> dict:
@@ -401,7 +401,8 @@ def test_cli_rejects_bad_flags(capsys):
 
     for argv, reason in [(["--scorers", "style"], "siglip_path"), (["--scorers", "ocr,clip"], "unknown scorer(s) clip"),
                          (["--scorers", "background", "--max_pixels", "100", "--max_request_pixels", "99"],
-                          "--max_request_pixels (99) must be >= --max_pixels (100)")]:
+                          "--max_request_pixels (99) must be >= --max_pixels (100)"),
+                         (["--scorers", "background", "--image_cache_mb", "-1"], "--image_cache_mb must be >= 0")]:
         with pytest.raises(SystemExit) as exc:
             main(argv)
         assert exc.value.code == 2 and reason in capsys.readouterr().err
@@ -420,3 +421,49 @@ def test_start_event_once_listening_and_busy_port_exits_3():
     finally:
         proc.kill()
         proc.wait(timeout=10)
+
+
+def test_shared_images_are_decoded_once_and_references_embedded_once_across_requests(tiny_siglip):
+    """Same content in two requests (encoded afresh each time) hits the caches; scores equal the uncached ones."""
+    from train.rewards.style import StyleScorer
+
+    ref, src = render_scene("Ref", seed=7).reference, render_scene("", seed=0).source
+    group = [replace(render_scene("Same", color=(40 * k, 20, 110)), id=f"k{k}", reference=ref.copy(), source=src.copy())
+             for k in range(3)]  # a group: one reference, source and mask (equal content, distinct objects)
+    group.append(replace(render_scene("Else", seed=5), id="x", reference=render_scene("Other", seed=6).image))
+    style = StyleScorer(tiny_siglip, threads=1)
+    app = create_app({"style": style, "background": BackgroundScorer()})
+    cold = create_app({"style": StyleScorer(tiny_siglip, threads=1, reference_cache=0),
+                       "background": BackgroundScorer()}, image_cache_mb=0)
+    with ServerThread(app) as srv, ServerThread(cold) as ref:
+        first = httpx.post(f"{srv.url}/score", json=payload(group), timeout=60).json()["results"]
+        decoder = app.state.batcher.shared_images
+        assert style.embedded == 4 + 2 and len(style.references) == 2  # 4 crops, 2 distinct references
+        assert (decoder.misses, decoder.hits) == (1 + 2 + 2, 12 - 5)  # distinct masks, references, sources
+        second = httpx.post(f"{srv.url}/score", json=payload(group[::-1]), timeout=60).json()["results"]
+        assert style.embedded == 6 + 4  # the crops alone: both references came from the cache
+        assert (decoder.misses, decoder.hits) == (5, 7 + 12)
+        uncached = httpx.post(f"{ref.url}/score", json=payload(group), timeout=60).json()["results"]
+        assert cold.state.batcher.shared_images.hits == 0 and len(cold.state.batcher.shared_images) == 0
+    for a, b in zip(first, uncached):
+        assert a["scores"].keys() == b["scores"].keys() == {"style", "background"}
+        assert all(abs(a["scores"][n] - b["scores"][n]) <= 1e-6 for n in a["scores"])
+    assert [r["scores"] for r in second[::-1]] == [pytest.approx(r["scores"], abs=1e-6) for r in first]
+
+
+def test_decode_cache_is_bounded_and_never_stores_errors():
+    from train.rewards.codec import DecodeCache, ImageDecodeError, pil_bytes
+
+    pngs = [encode_png_b64(Image.new("RGB", (32, 32), (i, 0, 0))) for i in range(5)]
+    one = pil_bytes(Image.new("RGB", (32, 32))) + max(map(len, pngs))
+    cache = DecodeCache(2 * one + 10)
+    for data in pngs:
+        cache.decode(data, None, "RGB")
+    assert len(cache) == 2 and cache.bytes <= cache.max_bytes and cache.misses == 5
+    assert cache.decode(pngs[4], None, "RGB").getpixel((0, 0)) == (4, 0, 0) and cache.hits == 1
+    assert cache.decode(pngs[4], None, "L").mode == "L" and cache.misses == 6  # the mode is part of the key
+    assert cache.decode(pngs[0], None, "RGB").getpixel((0, 0)) == (0, 0, 0) and cache.misses == 7  # evicted
+    for _ in range(2):
+        with pytest.raises(ImageDecodeError):
+            cache.decode(pngs[1][:60], None, "RGB")
+    assert cache.misses == 9 and all(k[0] != pngs[1][:60] for k in cache._entries)
