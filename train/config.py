@@ -44,6 +44,10 @@ class TrainConfig:
                                                 "the prompt-embedding cache there; they are freed afterwards either way.")
     prompt_cache_dir: str | None = opt(None, "Disk cache of prompt embeddings (default OUTPUT_DIR/prompt_cache).")
     dataloader_num_workers: int = opt(0, "DataLoader worker processes.")
+    latent_cache: str = opt("host", "Keep each training sample's VAE latents (source and masked source: the posterior "
+                                    "mean, deterministic) in host memory after their first use instead of encoding "
+                                    "them every step ('off'). python -m train.plan prints the bytes per sample.",
+                            choices=("host", "off"))
 
     # ---------------------------------------------------------------- optimisation
     train_batch_size: int = opt(1, "Samples per process per micro-batch. In RL: rollout images per process per "

@@ -31,6 +31,7 @@ import torch
 from .config import TrainConfig, build_parser, validate
 from .plan_memory import StepShape, optimizer_step_bytes, simulate_step
 from .plan_model import DTYPES, ModelSpec, adamw8bit_state_bytes, adamw_state_bytes, count_components
+from .sample_cache import latent_bytes_per_sample
 
 GiB = 2**30
 RESERVE_FIXED_GIB = 1.0  # CUDA context, cuBLAS / NCCL workspaces
@@ -217,6 +218,7 @@ def _plan(cfg: TrainConfig, num_processes: int, gpu_memory_gb: float | None, spe
     buffers = _rl_epoch_buffers(cfg, spec, image_tokens, wdt) if cfg.use_rl else 0
     encoders = comp.clip + comp.t5
     wsize = _size(wdt)
+    latent_bytes = latent_bytes_per_sample(h, w, spec.vae, wsize)
 
     rows = [
         Row("transformer", f"frozen transformer ({_dt(wdt)})", comp.transformer),
@@ -237,7 +239,7 @@ def _plan(cfg: TrainConfig, num_processes: int, gpu_memory_gb: float | None, spe
     rows += [
         Row("optimizer", "optimizer state (8-bit AdamW)" if cfg.use_8bit_adam else "optimizer state (AdamW fp32 m + v)",
             opt_dev, opt_host, "bitsandbytes: uint8 m and v + block scales, about 2 B/param" if cfg.use_8bit_adam
-            else "8 B/param; step counters on the CPU"),
+            else "8 B/param (fused: step counters on the device too)"),
         Row("ema", "EMA shadow (fp32)", 0 if ema_host else ema, ema if ema_host else 0,
             "" if cfg.use_ema else "--use_ema off"),
         Row("rl_ref", f"RL reference copy ({cfg.rl_copy_dtype})", rl_ref, 0,
@@ -247,6 +249,9 @@ def _plan(cfg: TrainConfig, num_processes: int, gpu_memory_gb: float | None, spe
             "the update concatenates" if cfg.use_rl else "no RL"),
         Row("style_cache", "SigLIP embedding cache", 0, 0, f"on the device, {spec.style_dim * wsize} B per training "
             f"sample ({spec.style_dim * wsize * 100_000 / 2**20:.0f} MiB per 100k)"),
+        Row("latent_cache", "VAE latent cache", 0, 0, "--latent_cache off" if cfg.latent_cache == "off" else
+            f"host memory, {latent_bytes / 2**10:.0f} KiB per training sample "
+            f"({latent_bytes * 100_000 / 2**30:.0f} GiB per 100k, each process)"),
         Row("prompt_cache", "prompt-embedding cache", 0, 0, "host memory, "
             f"{text_tokens * spec.transformer['joint_attention_dim'] * wsize / 2**20:.1f} MiB per unique text"),
     ]
@@ -291,7 +296,7 @@ def _plan(cfg: TrainConfig, num_processes: int, gpu_memory_gb: float | None, spe
                  "activations, autocast weight copies, workspaces" if working_memory else
                  "not estimated without a GPU size: python -m train.plan --gpu_memory_gb N"),
              Row("optimizer_temporaries", "optimizer-step temporaries", opt_tmp, 0,
-                 "foreach AdamW intermediates" if opt_tmp else "")]
+                 "gradient clipping and the fused AdamW step" if opt_tmp else "")]
     plan = Plan(spec.source, _describe(cfg, num_processes, (image_tokens, text_tokens)), rows, phases,
                 None if gpu_memory_gb is None else int(gpu_memory_gb * GiB), trainable=n)
     if buckets:

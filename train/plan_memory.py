@@ -408,27 +408,27 @@ def simulate_step(spec: ModelSpec, shape: StepShape) -> dict[str, int]:
     return dict(_simulate_cached(_cache_key(spec, shape)))
 
 
-def optimizer_step_bytes(numels: tuple[int, ...], foreach: bool = True, max_grad_norm: float = 1.0) -> int:
+def optimizer_step_bytes(numels: tuple[int, ...], fused: bool = True, max_grad_norm: float = 1.0) -> int:
     """Temporaries of gradient clipping and one ``torch.optim.AdamW`` step beyond parameters, gradients and
-    state. ``foreach=True`` is PyTorch's default on CUDA: each operation runs over all tensors at once, so
-    its intermediates are as large as the whole adapter."""
-    return _optimizer_cached(tuple(numels), foreach, max_grad_norm)
+    state. The trainer's ``fused=True`` step updates in place; ``fused=False`` measures PyTorch's default on
+    CUDA, ``foreach``, whose intermediates run over all tensors at once and are as large as the adapter."""
+    return _optimizer_cached(tuple(numels), fused, max_grad_norm)
 
 
 @lru_cache(maxsize=16)
-def _optimizer_cached(numels: tuple[int, ...], foreach: bool, max_grad_norm: float) -> int:
+def _optimizer_cached(numels: tuple[int, ...], fused: bool, max_grad_norm: float) -> int:
     with _fake_mode():
         params = [torch.nn.Parameter(torch.zeros(n)) for n in numels]
         for p in params:
             p.grad = torch.zeros_like(p)
-        opt = torch.optim.AdamW(params, lr=1e-4, foreach=foreach)
+        opt = torch.optim.AdamW(params, lr=1e-4, **({"fused": True} if fused else {"foreach": True}))
         opt.step()  # creates the state (counted by the planner)
         tracker = LiveBytes()
         tracker.ignore(params + [p.grad for p in params]
                        + [t for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)])
         with tracker:
             if max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, max_grad_norm, foreach=foreach)
+                torch.nn.utils.clip_grad_norm_(params, max_grad_norm, foreach=True)
             opt.step()
         return tracker.peak
 

@@ -221,9 +221,9 @@ BNB_MIN_8BIT_SIZE = 4096  # smaller tensors keep 32-bit state
 
 
 def adamw_state_bytes(numels: list[int]) -> tuple[int, int]:
-    """``(device bytes, host bytes)`` of ``torch.optim.AdamW`` state: fp32 m and v per element on the
-    parameter's device, and one float32 ``step`` scalar per tensor on the CPU (not capturable, not fused)."""
-    return 8 * sum(numels), 4 * len(numels)
+    """``(device bytes, host bytes)`` of the trainer's fused ``torch.optim.AdamW`` state: fp32 m and v per
+    element and one float32 ``step`` scalar per tensor, all on the parameter's device."""
+    return 8 * sum(numels) + 4 * len(numels), 0
 
 
 def adamw8bit_state_bytes(numels: list[int]) -> int:

@@ -28,7 +28,7 @@ def supervised_loss(trainer: Trainer, batch, keys, train_sigmas: torch.Tensor) -
     """Flow-matching loss of one micro-batch; ``keys`` are the samples' ``(epoch, position)``."""
     cfg, model = trainer.cfg, trainer.model
     cond = trainer.condition(batch, cfg.guidance_scale)
-    x0 = model.encode_latents(batch.image)
+    x0 = trainer.clean_latents(batch)
     draws = [sample_generator(cfg.seed, e, p) for e, p in keys]
     noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in draws]).to(x0.device, x0.dtype)
     normal = torch.stack([torch.randn((), generator=g) for g in draws])

@@ -72,9 +72,9 @@ def test_state_bytes_equal_the_tensors_a_trainer_holds(tiny_models, data, tmp_pa
     assert row("adapter").device == _nbytes(adapter.parameters())
     assert row("grads").device == _nbytes(p.grad for p in adapter.parameters())
     state = [t for s in trainer.optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
-    steps = [s["step"] for s in trainer.optimizer.state.values()]
-    assert row("optimizer").device == _nbytes(state) - _nbytes(steps)
-    assert row("optimizer").host == _nbytes(steps)
+    assert all(s["step"].device == p.device for p, s in trainer.optimizer.state.items())  # fused: no host part
+    assert row("optimizer").device == _nbytes(state)
+    assert row("optimizer").host == 0
     ema = row("ema")
     if trainer.ema is None:
         assert ema.device == ema.host == 0
@@ -105,7 +105,11 @@ def test_full_size_adapter_is_the_released_one():
 
 @pytest.mark.slow
 def test_recommended_eight_gpu_configuration_fits_80_gb(recommended):
-    plan = plan_for_config(recommended, num_processes=8, gpu_memory_gb=80, ddp_bucket_view=True)
+    from train.plan import ddp_gradient_views
+    from train.trainer import DDP_KWARGS
+
+    assert DDP_KWARGS.gradient_as_bucket_view and ddp_gradient_views()  # the trainer's DDP, as planned
+    plan = plan_for_config(recommended, num_processes=8, gpu_memory_gb=80)
     assert plan.fits, plan.format()
     assert "NFT: trained forward/backward" == plan.peak.name
     assert plan.row("ema").host == 4 * 3_018_043_904 and plan.row("ema").device == 0
@@ -275,3 +279,8 @@ def test_without_a_gpu_size_the_plan_holds_state_only_and_no_verdict(narrow_spec
     assert phases["supervised: forward/backward"] - phases["supervised: VAE encodes"] == plan.row("grads").device
     measured = plan_for_config(cfg, gpu_memory_gb=2.0, spec=narrow_spec)
     assert measured.row("working").device > 0 and measured.fits is True
+
+
+def test_the_trainer_hands_the_planned_ddp_setting_to_accelerate(tiny_models, data, tmp_path):
+    trainer = Trainer(parse_args(tiny_train_args(tiny_models, data, tmp_path / "run", 1)))
+    assert trainer.accelerator.ddp_handler.to_kwargs() == {"gradient_as_bucket_view": True}

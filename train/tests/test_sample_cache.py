@@ -1,0 +1,120 @@
+"""Per-sample encoder caches (``train/sample_cache.py``, ``--latent_cache``): each sample's VAE latents are
+computed once, alone, keyed by content, and training with the cache equals training without it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from train import trainer as trainer_module
+from train.config import parse_args
+from train.data.preprocess import collate_samples
+from train.data.synthesize import synthesize
+from train.plan import canvas
+from train.sample_cache import EncoderCache, latent_bytes_per_sample
+from train.tests.train_helpers import tiny_train_args
+from train.trainer import Trainer
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return synthesize(tmp_path_factory.mktemp("cache-data"), num=4, resolution=64, seed=6)
+
+
+def _encoded_samples(model) -> list[int]:
+    """Batch sizes of every VAE encoder forward, recorded by a forward hook on the real module."""
+    sizes = []
+    model.vae.encoder.register_forward_hook(lambda module, args, out: sizes.append(args[0].shape[0]))
+    return sizes
+
+
+def _trained(tiny_models, data, out, cache: str, steps: int = 6):
+    trainer = Trainer(parse_args(tiny_train_args(tiny_models, data, out, steps, train_batch_size=2,
+                                                 latent_cache=cache, checkpointing_steps=1000,
+                                                 logging_steps=1)))
+    trainer.setup()
+    sizes = _encoded_samples(trainer.model)
+    trainer.run()
+    return trainer, sizes
+
+
+@pytest.mark.slow
+def test_each_sample_is_encoded_once_alone_and_training_equals_the_uncached_run(tiny_models, data, tmp_path):
+    """Three epochs of 4 samples in batches of 2: the cache encodes each sample's source and masked source
+    once, one at a time; without it both are encoded for every micro-batch. The adapters agree."""
+    cached, sizes_cached = _trained(tiny_models, data, tmp_path / "host", "host")
+    plain, sizes_plain = _trained(tiny_models, data, tmp_path / "off", "off")
+    assert sizes_cached == [1] * 8  # 4 samples x (source, masked source), all in the first epoch
+    assert sizes_plain == [2] * 12  # 6 micro-batches x 2 encodes of the whole batch
+    assert len(cached.encoders.clean) == len(cached.encoders.masked) == 4
+    assert not plain.encoders.clean and not plain.encoders.masked
+    # batched and single encodes round differently in the last bits only (Adam then amplifies that in
+    # coordinates whose gradient is ~0, so the weights are compared through the losses they give)
+    got = [m["train/loss"] for _, m in cached.history]
+    want = [m["train/loss"] for _, m in plain.history]
+    assert len(got) == 6 and got == pytest.approx(want, rel=1e-4, abs=0)
+    # the bytes the planner prints per sample are what the cache holds (a fixed strip: every canvas is the tallest)
+    per_sample = latent_bytes_per_sample(*canvas(cached.cfg), cached.model.vae.config, cached.model.dtype.itemsize)
+    assert cached.encoders.host_bytes() == 4 * per_sample
+    assert all(t.device.type == "cpu" for t in cached.encoders.clean.values())
+
+
+def test_cached_latents_are_the_fresh_encodes_keyed_by_content(calligrapher, data, tmp_path):
+    """Samples with equal ids but different pixels (a held-out set reusing ids) get their own latents."""
+    from train.data.dataset import CalligraphyDataset, load_records
+
+    dataset = CalligraphyDataset(load_records(data, resolution=64), resolution=64, strip_height=16)
+    a, b = collate_samples([dataset[0], dataset[1]]), collate_samples([dataset[2], dataset[3]])
+    b.ids[:] = a.ids
+    cache = EncoderCache(calligrapher)
+    for batch in (a, b, a):
+        clean = cache.clean_latents(batch.image)
+        masked = cache.masked_latents(batch.image, batch.mask)
+        for i in range(2):
+            fresh = calligrapher.encode_latents(batch.image[i:i + 1])[0]
+            assert torch.equal(clean[i], fresh)
+            fresh = calligrapher.masked_image_latents(batch.image[i:i + 1], batch.mask[i:i + 1])[0]
+            assert torch.equal(masked[i], fresh)
+    assert len(cache.clean) == len(cache.masked) == 4
+    # a different mask over the same source is another masked-source entry, the same source entry
+    other = a.mask.flip(-1)
+    cache.masked_latents(a.image, other)
+    assert len(cache.masked) == 6 and len(cache.clean) == 4
+    off = EncoderCache(calligrapher, latents=False)
+    assert off.masked_latents(a.image, a.mask) is None
+    assert torch.equal(off.clean_latents(a.image), calligrapher.encode_latents(a.image))
+
+
+def test_conditioning_from_cached_masked_latents_equals_the_encoded_one(calligrapher, data):
+    from train.data.dataset import CalligraphyDataset, load_records
+
+    dataset = CalligraphyDataset(load_records(data, resolution=64), resolution=64, strip_height=16)
+    batch = collate_samples([dataset[0]])
+    embeds = torch.randn(1, 32, calligrapher.transformer.config.joint_attention_dim)
+    pooled = torch.randn(1, calligrapher.transformer.config.pooled_projection_dim)
+    ids, style = torch.zeros(32, 3), torch.randn(1, calligrapher.siglip.config.hidden_size)
+    plain = calligrapher.prepare_condition(batch.image, batch.mask, embeds, pooled, ids, style, 30.0)
+    raw = calligrapher.masked_image_latents(batch.image, batch.mask)
+    cached = calligrapher.prepare_condition(batch.image, batch.mask, embeds, pooled, ids, style, 30.0,
+                                            masked_latents=raw)
+    assert torch.equal(plain.cond_latents, cached.cond_latents)
+    shifted = calligrapher.prepare_condition(batch.image, batch.mask, embeds, pooled, ids, style, 30.0,
+                                             masked_latents=raw + 1)  # the given latents are the ones used
+    assert not torch.allclose(shifted.cond_latents, plain.cond_latents)
+    with pytest.raises(ValueError, match="posterior"):
+        calligrapher.prepare_condition(batch.image, batch.mask, embeds, pooled, ids, style, 30.0,
+                                       generator=torch.Generator().manual_seed(0), masked_latents=raw)
+
+
+def test_the_cache_turns_itself_off_when_host_memory_is_short(tiny_models, data, tmp_path, monkeypatch):
+    monkeypatch.setattr(trainer_module, "available_host_bytes", lambda: 4096)
+    trainer = Trainer(parse_args(tiny_train_args(tiny_models, data, tmp_path / "run", 1)))
+    trainer.setup()
+    assert not trainer.encoders.latents_on
+    trainer.run()
+    log = (tmp_path / "run" / "train_log.txt").read_text()
+    assert "--latent_cache host needs up to" in log and "encoded every step instead" in log
+    monkeypatch.setattr(trainer_module, "available_host_bytes", lambda: 2**40)
+    trainer = Trainer(parse_args(tiny_train_args(tiny_models, data, tmp_path / "again", 1)))
+    trainer.setup()
+    assert trainer.encoders.latents_on
