@@ -47,7 +47,7 @@ def test_quick_run_writes_every_result_and_the_readme_table(tmp_path):
     assert "old table" not in text and text.count(START) == 1
     table = text[text.index(START):text.index(END)]
     stamp = f"{os.cpu_count()}-core CPU (quick) | {payloads['flops']['date']} | {payloads['flops']['commit']} |"
-    for figure in ("Supervised step ÷ forward + backward", "GRPO rollout", "NFT trained step", "Text-encoder calls",
+    for figure in ("Supervised step ÷ forward + backward", "GRPO rollout", "NFT trained step", "Text-encoder calls", "`--latent_cache off`",
                    "Reward `style`", "OCR time split", "Transformer share of a supervised step", "Peak GPU memory"):
         line = next((line for line in table.splitlines() if figure in line), None)
         assert line is not None, figure
@@ -78,8 +78,7 @@ def test_full_size_step_timing_runs_on_the_proxy(tmp_path):
 
 
 def _payload(**train):
-    results = {"supervised": {"overhead": 1.30, "vae_encodes_share_of_step": 0.2, "optimizer_step_share": 0.1,
-                              "overhead_with_cached_vae_encodes": 1.1,
+    results = {"supervised": {"overhead": 1.30, "vae_encodes_share_of_step": 0.0, "optimizer_step_share": 0.1,
                               "text_encoder_calls_during_training": 0, "epochs_trained": 2.0,
                               "bytes_per_trainable_param": {"no_ema": 16, "ema_on_cpu": 16, "ema_on_cpu_host": 4,
                                                             "ema_on_device": 20}}}
