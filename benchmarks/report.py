@@ -56,14 +56,17 @@ def train_rows(r: dict) -> list[tuple[str, str, str]]:
     if "skipped" in r:
         return [("Full-size step times and MFU", r["skipped"], "GPU")]
     sup, rows = r["supervised"], []
-    rows.append(("Supervised step ÷ forward + backward (proxy), VAE latents cached per sample",
+    accumulation = sup.get("gradient_accumulation_steps", 1)
+    rows.append((f"Supervised step ÷ forward + backward (proxy), accumulation {accumulation}, VAE latents cached",
                  f"{sup['overhead']:.2f} {_ok(sup['overhead'], 1.25)} (optimizer step {_pct(sup['optimizer_step_share'])}"
                  " of it)", "≤ 1.25"))
-    off = r.get("supervised_latent_cache_off")
-    if off:
-        rows.append(("  the same with `--latent_cache off`: step ÷ (fwd+bwd); of the step VAE encodes / optimizer step",
-                     f"{off['overhead']:.2f}; {_pct(off['vae_encodes_share_of_step'])} / "
-                     f"{_pct(off['optimizer_step_share'])}", ""))
+    for key, label in (("supervised_latent_cache_off", "with `--latent_cache off`"),
+                       ("supervised_accumulation_1", "at accumulation 1")):
+        other = r.get(key)
+        if other:
+            rows.append((f"  the same {label}: step ÷ (fwd+bwd); of the step VAE encodes / optimizer step",
+                         f"{other['overhead']:.2f}; {_pct(other['vae_encodes_share_of_step'])} / "
+                         f"{_pct(other['optimizer_step_share'])}", ""))
     for method in ("grpo", "nft"):
         t, ro = r[method]["train"], r[method]["rollout"]
         rows.append((f"{method.upper()} trained step ÷ ({t['pure_model']}) (proxy)",

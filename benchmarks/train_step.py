@@ -10,8 +10,9 @@ measured at the same moments. Medians over pieces of loop (the first, warming ca
 out). Everything runs on one torch thread with the clock set to process CPU time
 (:func:`benchmarks.common.cpu_clock`), so other jobs on a shared machine stretch neither side:
 
-- supervised: optimizer step ÷ (forward + backward), with the VAE latents cached per sample (the
-  default) and, for comparison, with ``--latent_cache off`` (both VAE encodes timed every step);
+- supervised: optimizer step ÷ its micro-batches' (forward + backward) at accumulation 4 as
+  ``examples/train_supervised.sh`` trains, with the VAE latents cached per sample (the default); for
+  comparison with ``--latent_cache off`` (both VAE encodes timed every step) and at accumulation 1;
 - GRPO: per trained step ÷ (forward + backward + reference forward);
 - NFT: per trained step ÷ (3 forwards + 1 backward);
 - rollout: the whole rollout (conditioning, sampling, decoding, reward hand-off) and the sampling
@@ -143,21 +144,31 @@ def _last(trainer, name: str) -> float:
     return next(m[name] for _, m in reversed(trainer.history) if name in m)
 
 
-def supervised(models, data, work: Path, chunks: int, steps: int, latent_cache: str = "host") -> dict:
-    """``chunks`` runs of ``steps`` optimizer steps; each chunk's time ÷ the model time inside it (the first
-    chunk, warming caches up, left out when there are several)."""
+def supervised(models, data, work: Path, chunks: int, steps: int, latent_cache: str = "host",
+               accumulation: int = 4) -> dict:
+    """One supervised phase of ``chunks x steps`` optimizer steps of ``accumulation`` micro-batches, as a
+    run trains (one loader); each chunk's time ÷ the model time inside it (the first chunk, filling the
+    caches, left out when there are several). ``forward_backward_s`` is per optimizer step: all of its
+    micro-batches' forwards and backwards."""
     from train.supervised import train_supervised
 
-    trainer = _trainer(proxy_argv(models, data, work / f"supervised-{latent_cache}", latent_cache=latent_cache))
+    trainer = _trainer(proxy_argv(models, data, work / f"supervised-{latent_cache}-{accumulation}",
+                                  latent_cache=latent_cache, gradient_accumulation_steps=accumulation))
     calls_at_start = trainer.prompts.encoder_calls
     clock = ModelClock(trainer)
-    rows = []
-    for _ in range(chunks):
-        clock.reset()
-        t0 = time.perf_counter()
-        train_supervised(trainer, trainer.global_step + steps)
-        rows.append(((time.perf_counter() - t0) / steps, clock.model_s["update"] / steps,
-                     clock.other_s["vae"] / steps, clock.other_s["optimizer"] / steps))
+    marks = [(time.perf_counter(), 0.0, 0.0, 0.0)]
+    after_step = trainer.after_optimizer_step
+
+    def mark_chunks(*args, **kwargs):
+        after_step(*args, **kwargs)
+        if trainer.global_step % steps == 0:
+            marks.append((time.perf_counter(), clock.model_s["update"], clock.other_s["vae"],
+                          clock.other_s["optimizer"]))
+
+    trainer.after_optimizer_step = mark_chunks
+    train_supervised(trainer, chunks * steps)
+    trainer.after_optimizer_step = after_step
+    rows = [tuple((b[i] - a[i]) / steps for i in range(4)) for a, b in zip(marks, marks[1:])]
     rows = rows[1:] if len(rows) > 1 else rows
     step_s, model_s, vae_s, opt_s = (statistics.median(r[i] for r in rows) for i in range(4))
     epochs = trainer.epoch + trainer.position / trainer.batches_per_epoch
@@ -170,6 +181,7 @@ def supervised(models, data, work: Path, chunks: int, steps: int, latent_cache: 
         "optimizer_step_share": round(opt_s / step_s, 3), "latent_cache": latent_cache,
         "text_encoder_calls_during_training": trainer.prompts.encoder_calls - calls_at_start,
         "epochs_trained": round(epochs, 2), "batch": trainer.cfg.train_batch_size, "chunks": len(rows),
+        "gradient_accumulation_steps": accumulation,
         "bytes_per_trainable_param": bytes_per_param(trainer),
     }
 
@@ -264,18 +276,22 @@ def run(quick: bool = False, size: str = "proxy", workdir: Path | None = None) -
         if quick:
             sup = supervised(models, data, work, chunks=1, steps=2)
             uncached = supervised(models, data, work, chunks=1, steps=2, latent_cache="off")
+            single = supervised(models, data, work, chunks=1, steps=2, accumulation=1)
             grpo = rl("grpo", models, data, work, epochs=1, num_steps=2, fraction=1.0)
             nft = rl("nft", models, data, work, epochs=1, num_steps=2, fraction=0.5)
         else:
-            sup = supervised(models, data, work, chunks=5, steps=10)  # 8 samples: cache filled in the first chunk
+            # 8 samples: the caches are filled in the first chunk
+            sup = supervised(models, data, work, chunks=5, steps=10)
             uncached = supervised(models, data, work, chunks=5, steps=10, latent_cache="off")
+            single = supervised(models, data, work, chunks=5, steps=10, accumulation=1)
             grpo = rl("grpo", models, data, work, epochs=5, num_steps=50, fraction=0.2)
             nft = rl("nft", models, data, work, epochs=5, num_steps=50, fraction=0.2)
     torch.set_num_threads(threads)
     from benchmarks.proxy import spec
 
     return {"model": spec().source, "mixed_precision": "no", "clock": "process CPU time, 1 torch thread",
-            "supervised": sup, "supervised_latent_cache_off": uncached, "grpo": grpo, "nft": nft}
+            "supervised": sup, "supervised_latent_cache_off": uncached,
+            "supervised_accumulation_1": single, "grpo": grpo, "nft": nft}
 
 
 def main(argv=None) -> None:
