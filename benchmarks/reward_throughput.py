@@ -125,7 +125,7 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def run(scorers="style,background,ocr", images: int = 64, size: int = 256, chunk_size: int = 64, workers: int = 2,
+def run(scorers="style,background,ocr", images: int = 64, size: int = 256, chunk_size: int = 16, workers: int = 4,
         repeats: int = 5, siglip_path: str | None = None, device: str = "cpu", torch_threads: int = 1) -> list[dict]:
     """One row per scorer (see the module docstring)."""
     items = [scene(i, size) for i in range(images)]
@@ -156,8 +156,10 @@ def main(argv=None) -> None:
                         help="comma-separated; each is measured on its own server")
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--size", type=int, default=256, help="image side in pixels")
-    parser.add_argument("--chunk_size", type=int, default=64, help="images per request in batched mode")
-    parser.add_argument("--workers", type=int, default=2, help="concurrent requests in batched mode")
+    parser.add_argument("--chunk_size", type=int, default=16,
+                        help="images per request in batched mode (default: the trainer's reward client)")
+    parser.add_argument("--workers", type=int, default=4,
+                        help="concurrent requests in batched mode (default: the trainer's reward client)")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per mode; the median is reported")
     parser.add_argument("--siglip_path", default=None, help="SigLIP folder (default: a tiny random one)")
     parser.add_argument("--device", default="cpu")

@@ -258,6 +258,36 @@ def full_size() -> dict:
         return {"error": f"out of GPU memory: {str(exc).splitlines()[0]}"}
 
 
+def profile_supervised(out: Path, steps: int = 10) -> dict:
+    """``torch.profiler`` traces of ``steps`` steady-state supervised steps on the proxy (accumulation 4), with
+    the latent cache and with ``--latent_cache off``: ``OUT/supervised_{host,off}.trace.json`` (Chrome /
+    Perfetto) and ``.txt`` (operators by self CPU time)."""
+    from benchmarks.proxy import write_proxy_models
+    from train.data.synthesize import synthesize
+    from train.supervised import train_supervised
+
+    out.mkdir(parents=True, exist_ok=True)
+    written = {}
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory(prefix="bench-profile-") as tmp, contextlib.redirect_stdout(sys.stderr):
+        work = Path(tmp)
+        models = write_proxy_models(work / "models")
+        data = synthesize(work / "data", num=8, resolution=128, seed=0)
+        for cache in ("host", "off"):
+            trainer = _trainer(proxy_argv(models, data, work / cache, latent_cache=cache, gradient_accumulation_steps=4,
+                                          use_ema=False))
+            train_supervised(trainer, 4)  # one pass over the data: the caches are filled
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                train_supervised(trainer, 4 + steps)
+            trainer.close()
+            trace, table = out / f"supervised_{cache}.trace.json", out / f"supervised_{cache}.txt"
+            prof.export_chrome_trace(str(trace))
+            table.write_text(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
+            written[cache] = {"trace": str(trace), "table": str(table)}
+    return {"profiles": written, "steps": steps, "gradient_accumulation_steps": 4}
+
+
 def run(quick: bool = False, size: str = "proxy", workdir: Path | None = None) -> dict:
     if size == "full":
         return full_size()
@@ -298,8 +328,10 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a few steps of each (seconds, for tests)")
     parser.add_argument("--size", choices=("proxy", "full"), default="proxy")
+    parser.add_argument("--profile", type=Path, default=None, metavar="DIR",
+                        help="instead: write torch.profiler traces of steady-state supervised steps to DIR")
     args = parser.parse_args(argv)
-    print(json.dumps(run(args.quick, args.size), indent=1))
+    print(json.dumps(profile_supervised(args.profile) if args.profile else run(args.quick, args.size), indent=1))
 
 
 if __name__ == "__main__":

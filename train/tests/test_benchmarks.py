@@ -114,3 +114,19 @@ def test_readme_update_keeps_the_text_around_the_table(tmp_path):
     update_readme(bare, "| t |")
     assert bare.read_text() == f"# Title\n\n{START}\n| t |\n{END}\n"
     assert oct(bare.stat().st_mode & 0o777) == "0o644"
+
+
+@pytest.mark.slow
+def test_profile_traces_show_the_vae_only_without_the_latent_cache(tmp_path):
+    """``benchmarks/train_step.py --profile``: steady-state supervised steps run no convolution (the VAE)
+    once every sample's latents are cached, and do with ``--latent_cache off``."""
+    from benchmarks.train_step import profile_supervised
+
+    out = profile_supervised(tmp_path, steps=1)
+    names = {}
+    for cache, files in out["profiles"].items():
+        trace = json.loads(Path(files["trace"]).read_text())
+        names[cache] = {e.get("name", "") for e in trace["traceEvents"]}
+        assert "aten::mm" in Path(files["table"]).read_text()
+    assert not any("convolution" in n for n in names["host"])
+    assert any("convolution" in n for n in names["off"])
