@@ -34,11 +34,13 @@ def machine() -> str:
 
 
 def commit() -> str:
-    """The checked-out commit (short), with ``+changes`` when tracked files differ from it."""
+    """The checked-out commit (short), with ``+changes`` when tracked code differs from it (the results and
+    the README table the benchmarks themselves rewrite do not count)."""
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
                               check=True).stdout.strip()
-        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "train", "benchmarks"], cwd=REPO).returncode
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "train", "benchmarks", ":!benchmarks/results",
+                                ":!benchmarks/README.md"], cwd=REPO).returncode
         return head + ("+changes" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
