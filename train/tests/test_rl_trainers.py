@@ -69,8 +69,9 @@ def run_trainer(argv, stop_at=None) -> Trainer:
 
 
 # ---------------------------------------------------------------------------------------------- GRPO
-def test_grpo_first_update_has_ratio_one_and_every_parameter_changes(tiny_models, data, tmp_path):
-    trainer = Trainer(parse_args(rl_args(tiny_models, data, tmp_path / "run", 2, rl_warmup_steps=1)))
+@pytest.mark.parametrize("window", [{}, {"rl_sde_window_size": 2}], ids=["all-steps", "sde-window"])
+def test_grpo_first_update_has_ratio_one_and_every_parameter_changes(tiny_models, data, tmp_path, window):
+    trainer = Trainer(parse_args(rl_args(tiny_models, data, tmp_path / "run", 2, rl_warmup_steps=1, **window)))
     trainer.setup()
     before = {k: v.clone() for k, v in trainer.model.adapter.state_dict().items()}
     trainer.run()
