@@ -82,6 +82,9 @@ def test_sigma_one_uses_sigma_max_in_the_denominator():
     torch.testing.assert_close(lp.double(), ref_lp, rtol=0, atol=1e-4)
     with pytest.raises(ValueError, match="sigma_max"):
         sde_step_with_logprob(v, 1.0, 0.96, x, 0.5)
+    for bad in (1.0, 0.0):  # 1 − σ_max would be 0 or 1: an infinite or a wrong std at σ = 1
+        with pytest.raises(ValueError, match=r"sigma_max must lie in \(0, 1\)"):
+            sde_step_with_logprob(v, sigma, sigma_next, x, 0.5, sigma_max=bad)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -126,6 +129,12 @@ def test_rescoring_the_drawn_sample_returns_the_same_log_prob():
         prev, lp, _, _ = sde_step_with_logprob(v, 0.6, 0.5, x, 0.7, generator=g, sde_type=sde_type)
         _, lp_again, _, _ = sde_step_with_logprob(v, 0.6, 0.5, x, 0.7, prev_sample=prev, sde_type=sde_type)
         assert torch.equal(lp, lp_again)
+        # a stored low-precision sample comes back as float32, scored as the float32 value it holds
+        low = prev.bfloat16()
+        back, lp_low, _, _ = sde_step_with_logprob(v, 0.6, 0.5, x, 0.7, prev_sample=low, sde_type=sde_type)
+        assert back.dtype == torch.float32 and torch.equal(back, low.float())
+        assert torch.equal(lp_low, sde_step_with_logprob(v, 0.6, 0.5, x, 0.7, prev_sample=low.float(),
+                                                         sde_type=sde_type)[1])
 
 
 def test_log_prob_of_the_mean_is_the_maximum():
@@ -198,6 +207,8 @@ def test_bad_inputs_raise():
         sde_step_with_logprob(v, 0.5, 0.6, x, 0.7)
     with pytest.raises(ValueError, match=r"\[B=3\]"):
         sde_step_with_logprob(v, torch.tensor([0.6, 0.5]), 0.5, x, 0.7)
+    with pytest.raises(ValueError, match=r"prev_sample \(3, 4, 5, 1\) and sample \(3, 4, 5, 6\) differ"):
+        sde_step_with_logprob(v, 0.6, 0.5, x, 0.7, prev_sample=x[..., :1])  # would broadcast
 
 
 def test_sde_window_default_and_bounds_and_uniformity():
@@ -244,6 +255,7 @@ def test_choose_train_steps_size_subset_and_uniformity():
         steps = choose_train_steps(candidates, fraction, g)
         assert len(steps) == size and steps == sorted(set(steps)) and set(steps) <= set(candidates), fraction
     assert len(choose_train_steps(list(range(25)), 0.28, g)) == 7  # 0.28·25 = 7.000000000000001 in floats
+    assert len(choose_train_steps(candidates, 1e-12, g)) == 1  # never an empty set of trained steps
     assert choose_train_steps([], 0.5, g) == []
     a, b = torch.Generator().manual_seed(2), torch.Generator().manual_seed(2)
     assert [choose_train_steps(candidates, 0.3, a) for _ in range(3)] == [
@@ -257,7 +269,7 @@ def test_choose_train_steps_size_subset_and_uniformity():
 
 
 def test_nft_train_steps_are_a_permutation_prefix():
-    for num_steps, fraction, size in [(10, 1.0, 10), (10, 0.25, 3), (10, 0.01, 1), (50, 0.14, 7)]:
+    for num_steps, fraction, size in [(10, 1.0, 10), (10, 0.25, 3), (10, 0.01, 1), (50, 0.14, 7), (10, 1e-12, 1)]:
         steps = nft_train_steps(num_steps, fraction, torch.Generator().manual_seed(4))
         assert steps == torch.randperm(num_steps, generator=torch.Generator().manual_seed(4))[:size].tolist()
     with pytest.raises(ValueError, match="--rl_timestep_fraction"):
