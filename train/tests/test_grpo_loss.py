@@ -121,7 +121,7 @@ def test_kl_by_hand():
     log_prob, old = _log_probs([1.0, 1.0])
     adv = torch.tensor([1.0, -1.0])  # policy term 0
     mean = torch.tensor([[1.0, 2.0], [0.0, 0.0]], requires_grad=True)
-    ref = torch.tensor([[0.0, 0.0], [0.0, 3.0]])
+    ref = torch.tensor([[0.0, 0.0], [0.0, 3.0]], requires_grad=True)  # the reference is a fixed target
     # sample 0: mean((1, 4)) / (2·0.5²) = 2.5 / 0.5 = 5; sample 1: mean((0, 9)) / (2·1²) = 2.25; KL = 3.625
     std = torch.tensor([0.5, 1.0])
     loss, info = grpo_loss(log_prob, old, adv, EPS, ADV_MAX, mean=mean, ref_mean=ref, std_dev_t=std, kl_beta=0.1)
@@ -131,6 +131,7 @@ def test_kl_by_hand():
     loss.backward()
     # β·(mean − ref)/(std²·elements·B): 0.1·1/(0.25·2·2) = 0.1, 0.1·2/1 = 0.2, 0, 0.1·(−3)/(1·2·2) = −0.075
     assert mean.grad.flatten().tolist() == pytest.approx([0.1, 0.2, 0.0, -0.075])
+    assert ref.grad is None
     # a scalar std: sample 1 becomes 4.5 / 0.5 = 9, KL = (5 + 9)/2
     _, info = grpo_loss(log_prob, old, adv, EPS, ADV_MAX, mean=mean, ref_mean=ref, std_dev_t=0.5, kl_beta=0.1)
     assert info["kl"].item() == pytest.approx(7.0)
@@ -145,6 +146,11 @@ def test_bad_inputs_raise():
         grpo_loss(log_prob, old, torch.ones(2), EPS, ADV_MAX, kl_beta=0.1)
     with pytest.raises(ValueError, match=r"must all be \[B\]"):
         grpo_loss(log_prob, old, torch.ones(3), EPS, ADV_MAX)
+    with pytest.raises(ValueError, match=r"must all be \[B\]"):  # [B, 1] everywhere would broadcast quietly
+        grpo_loss(log_prob[:, None], old[:, None], torch.ones(2, 1), EPS, ADV_MAX)
+    with pytest.raises(ValueError, match=r"must both be \[B, \.\.\.\]"):  # 3 means for 2 log-probs
+        grpo_loss(log_prob, old, torch.ones(2), EPS, ADV_MAX, mean=torch.ones(3, 4), ref_mean=torch.ones(3, 4),
+                  std_dev_t=1.0, kl_beta=0.1)
     with pytest.raises(ValueError, match=r"must both be \[B, \.\.\.\]"):
         grpo_loss(log_prob, old, torch.ones(2), EPS, ADV_MAX, mean=torch.ones(2, 3), ref_mean=torch.ones(2, 4),
                   std_dev_t=1.0, kl_beta=0.1)
