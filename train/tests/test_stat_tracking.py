@@ -134,6 +134,20 @@ def test_per_scorer_whole_batch_gives_a_small_spread_scorer_equal_say():
     assert_close(plain.advantages, [0.2 / s, -0.3 / s, 0.3 / s, -0.2 / s])
 
 
+def test_per_scorer_per_group_with_global_std_by_hand():
+    scores = {"ocr": torch.tensor([1.0, 0.0, 0.5, 0.5]), "style": torch.tensor([0.2, 0.4, 0.1, 0.5])}
+    weights = {"ocr": 0.5, "style": 0.5}
+    rewards = rewards_tensor([0.6, 0.2, 0.3, 0.5])
+    out = compute_advantages(rewards, ["x", "x", "y", "y"], per_group=True, global_std=True, per_scorer=True,
+                             scores=scores, weights=weights, eps=0.0)
+    # each scorer: minus its group mean, over its batch std. ocr: batch std sqrt(0.125), group y has no spread
+    # -> (sqrt 2, -sqrt 2, 0, 0); style: batch std sqrt(0.025) -> (-sqrt 0.4, sqrt 0.4, -sqrt 1.6, sqrt 1.6).
+    a, b = (math.sqrt(2) - math.sqrt(0.4)) / 2, math.sqrt(1.6) / 2
+    # combined (a, -a, -b, b): mean 0, std sqrt((a² + b²) / 2)
+    s = math.sqrt((a * a + b * b) / 2)
+    assert_close(out.advantages, [a / s, -a / s, -b / s, b / s])
+
+
 def test_per_scorer_is_invariant_to_each_scorer_scale_and_offset():
     keys, rewards = KEYS, rewards_tensor()
     base = compute_advantages(rewards, keys, per_group=True, per_scorer=True, scores=scorer_tensors(),
@@ -189,6 +203,10 @@ def test_all_failed_and_malformed_input_raise_clear_errors():
         compute_advantages(rewards_tensor([0.1, 0.2]), ["a", "a", "b"])
     with pytest.raises(ValueError, match="sample 1 .*'b'.* infinite"):
         compute_advantages(rewards_tensor([0.1, math.inf]), ["a", "b"])
+    with pytest.raises(ValueError, match="rewards must be a 1-D tensor"):
+        compute_advantages(rewards_tensor([0.1, 0.2]).view(2, 1), ["a", "b"])
+    with pytest.raises(ValueError, match="eps must be >= 0"):
+        compute_advantages(rewards_tensor([0.1, 0.2]), ["a", "b"], eps=-1e-4)
 
 
 def test_summarize_groups():
@@ -208,3 +226,12 @@ def test_per_scorer_zero_spread_groups_are_exactly_zero_among_many():
                              weights=WEIGHTS)
     assert out.advantages[80:].tolist() == [0.0] * 40
     assert out.stats["adv/zero_std_groups"] == 10.0 and out.stats["adv/num_groups"] == 30.0
+
+
+def test_equal_rewards_whose_mean_rounds_are_still_a_zero_std_group():
+    # float64 rewards, as the trainer gathers them: fsum([0.7] * 3) / 3 = 0.6999999999999998, so the group's std
+    # is 1e-16, not 0, and its advantages must still be exactly 0.
+    rewards = torch.tensor([0.7, 0.7, 0.7, 0.1, 0.5], dtype=torch.float64)
+    out = compute_advantages(rewards, ["a", "a", "a", "b", "b"], per_group=True)
+    assert out.advantages[:3].tolist() == [0.0, 0.0, 0.0]
+    assert out.stats["adv/zero_std_groups"] == 1.0
