@@ -36,6 +36,8 @@ def test_r_with_another_clip_and_unknown_mode():
     assert nft_r(adv, "binary", 2.0).tolist() == pytest.approx([0.25, 0.25, 0.5, 0.75, 0.75])
     with pytest.raises(ValueError, match="--nft_adv_mode 'positive'"):
         nft_r(adv, "positive", 2.0)
+    with pytest.raises(ValueError, match="--rl_adv_clip_max must be > 0"):
+        nft_r(adv, "normal", 0.0)
 
 
 # ---- the loss, by hand -------------------------------------------------------------------------------------------
@@ -159,8 +161,12 @@ def test_bad_arguments_raise():
         nft_loss(x0, xt, t, vth, vold[:, :1], vref, adv, 0.5, "normal", CLIP, 0.1)
     with pytest.raises(ValueError, match="advantages must have shape"):
         nft_loss(x0, xt, t, vth, vold, vref, adv[:3], 0.5, "normal", CLIP, 0.1)
-    with pytest.raises(ValueError, match="--nft_beta"):
-        nft_loss(x0, xt, t, vth, vold, vref, adv, 0.0, "normal", CLIP, 0.1)
+    for beta in (0.0, 1.5):  # β > 1 would give v⁺ a negative weight on v_old
+        with pytest.raises(ValueError, match="--nft_beta"):
+            nft_loss(x0, xt, t, vth, vold, vref, adv, beta, "normal", CLIP, 0.1)
+    with pytest.raises(ValueError, match="at least 2 dims"):
+        nft_loss(*(x[:, 0, 0] for x in (x0, xt)), t, *(x[:, 0, 0] for x in (vth, vold, vref)), adv, 0.5, "normal",
+                 CLIP, 0.1)
 
 
 # ---- old-adapter decay -------------------------------------------------------------------------------------------
@@ -183,6 +189,8 @@ def test_decay_rejects_unknown_type():
     for bad in (3, -1, "1", True):
         with pytest.raises(ValueError, match="--nft_decay_type"):
             nft_decay(10, bad)
+    with pytest.raises(ValueError, match="step must be >= 0"):
+        nft_decay(-1, 1)
 
 
 
