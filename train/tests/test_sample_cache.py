@@ -3,6 +3,8 @@ computed once, alone, keyed by content, and training with the cache equals train
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -11,7 +13,7 @@ from train.config import parse_args
 from train.data.preprocess import collate_samples
 from train.data.synthesize import synthesize
 from train.plan import canvas
-from train.sample_cache import EncoderCache, latent_bytes_per_sample
+from train.sample_cache import EncoderCache, available_host_bytes, content_key, latent_bytes_per_sample
 from train.tests.train_helpers import tiny_train_args
 from train.trainer import Trainer
 
@@ -118,3 +120,50 @@ def test_the_cache_turns_itself_off_when_host_memory_is_short(tiny_models, data,
     trainer = Trainer(parse_args(tiny_train_args(tiny_models, data, tmp_path / "again", 1)))
     trainer.setup()
     assert trainer.encoders.latents_on
+
+
+def test_content_key_covers_shape_dtype_and_every_byte():
+    t = torch.arange(12, dtype=torch.int16).view(3, 4)
+    bumped = t.clone()
+    bumped[2, 3] += 1
+    keys = [content_key(t), content_key(t.view(4, 3)), content_key(t.view(torch.float16)), content_key(bumped),
+            content_key(t, t.view(4, 3))]
+    assert len(set(keys)) == 5
+    assert content_key(t.clone()) == keys[0]
+    assert content_key(t.t()) == content_key(t.t().contiguous())  # a strided view is keyed by its values
+
+
+def test_style_embeddings_are_encoded_once_per_distinct_image(calligrapher):
+    """Keyed by mode, size and pixels: the same bytes laid out as another size are another image."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    raw = [bytes(torch.randint(0, 256, (32 * 32 * 3,), generator=g, dtype=torch.uint8).tolist()) for _ in range(2)]
+    a, b = (Image.frombytes("RGB", (32, 32), r) for r in raw)
+    wide = Image.frombytes("RGB", (16, 64), raw[0])
+    calls = []
+    calligrapher.siglip.register_forward_hook(lambda module, args, out: calls.append(1))
+    cache = EncoderCache(calligrapher)
+    got = cache.style([a, b, a, wide])
+    assert len(calls) == 3 and len(cache.styles) == 3
+    again = cache.style([wide, b])
+    assert len(calls) == 3
+    fresh = {name: calligrapher.encode_style([image])[0] for name, image in (("a", a), ("b", b), ("wide", wide))}
+    assert not torch.allclose(fresh["a"], fresh["wide"])
+    for out, names in ((got, ["a", "b", "a", "wide"]), (again, ["wide", "b"])):
+        assert torch.equal(out, torch.stack([fresh[n] for n in names]))
+
+
+def test_latent_bytes_per_sample_by_hand():
+    # FLUX's VAE: 4 blocks (downsampling 8), 16 channels. 512 px wide, 512 + 128 px strip tall, bf16:
+    # 2 encodes x 16 x (640 / 8) x (512 / 8) x 2 bytes = 320 KiB.
+    flux_vae = {"block_out_channels": [128, 256, 512, 512], "latent_channels": 16}
+    assert latent_bytes_per_sample(640, 512, flux_vae, 2) == 320 * 1024
+    assert latent_bytes_per_sample(512, 1024, {"block_out_channels": [8, 8], "latent_channels": 4}, 4) == \
+        2 * 4 * 256 * 512 * 4
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/meminfo"), reason="reads /proc/meminfo")
+def test_available_host_bytes_is_memavailable_in_bytes():
+    kib = next(int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemAvailable:"))
+    assert available_host_bytes() == pytest.approx(kib * 1024, rel=0.05)
