@@ -8,7 +8,7 @@ reason); it is run and listed but left out of the score.
     python scripts/mutation.py                      # every module (use scripts/mutation.sh: nice'd)
     python scripts/mutation.py -m checkpointing -m ema
     python scripts/mutation.py --list               # the mutants, nothing run
-    python scripts/mutation.py -k flow_matching#3   # one mutant by id
+    python scripts/mutation.py -k flow_matching#3   # one mutant by id (with -m: those matching both)
 
 The mutants and the tests of each module are listed in ``scripts/mutants.py``.
 """
@@ -93,6 +93,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     chosen = [m for m in MUTANTS if (not args.module or m.module in args.module) and (not args.id or m.id in args.id)]
+    if not chosen:  # -m and -k together select the mutants that match both
+        parser.error("no mutant matches " + " and ".join(f"{flag} {' '.join(v)}" for flag, v in
+                                                        (("-m", args.module), ("-k", args.id)) if v))
     if args.list:
         for m in chosen:
             check(REPO, m)  # read-only
