@@ -369,7 +369,8 @@ class Trainer:
         self.optimizer.step()
         # Gradients that are views of DDP's buckets are zeroed in place: set to None, the next backward
         # would add into the bucket still holding this step's reduced gradients.
-        bucket_views = self.accelerator.num_processes > 1 and DDP_KWARGS.gradient_as_bucket_view
+        bucket_views = (isinstance(self.adapter, torch.nn.parallel.DistributedDataParallel)
+                        and DDP_KWARGS.gradient_as_bucket_view)
         self.optimizer.zero_grad(set_to_none=not bucket_views)
         return grad_norm
 
