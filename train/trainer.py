@@ -367,11 +367,7 @@ class Trainer:
             limit = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
             grad_norm = float(acc.clip_grad_norm_(self.adapter.parameters(), limit))
         self.optimizer.step()
-        # Gradients that are views of DDP's buckets are zeroed in place: set to None, the next backward
-        # would add into the bucket still holding this step's reduced gradients.
-        bucket_views = (isinstance(self.adapter, torch.nn.parallel.DistributedDataParallel)
-                        and DDP_KWARGS.gradient_as_bucket_view)
-        self.optimizer.zero_grad(set_to_none=not bucket_views)
+        self.optimizer.zero_grad(set_to_none=True)  # DDP points a re-created gradient at its bucket again
         return grad_norm
 
     def after_optimizer_step(self, metrics: dict[str, float], progress: dict | None = None,
