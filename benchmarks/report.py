@@ -78,12 +78,17 @@ def train_rows(r: dict) -> list[tuple[str, str, str]]:
                  f"{sup['text_encoder_calls_during_training']} in {sup['epochs_trained']} epochs "
                  f"{_ok(sup['text_encoder_calls_during_training'], 0)}", "0"))
     for name in ("supervised", "grpo", "nft"):
-        b = (sup if name == "supervised" else r[name])["bytes_per_trainable_param"]
-        rows.append((f"Bytes per trainable param beyond the base, {name}, measured (proxy)",
-                     f"{b['no_ema']:g} without EMA; {b['ema_on_device']:g} EMA on device; "
-                     f"{b['ema_on_cpu']:g} + {b['ema_on_cpu_host']:g} host with EMA on CPU",
-                     "≤ 24 for NFT + EMA" if name == "nft" else ""))
+        run = sup if name == "supervised" else r[name]
+        rows.append(_bytes_row(name, "measured (proxy)", run["bytes_per_trainable_param"]))
     return rows
+
+
+def _bytes_row(method: str, source: str, b: dict) -> tuple[str, str, str]:
+    """Bytes per trainable parameter of one run kind (``b``: without EMA, EMA on the device / on the CPU)."""
+    return (f"Bytes per trainable param beyond the base, {method}, {source}",
+            f"{b['no_ema']:g} without EMA; {b['ema_on_device']:g} EMA on device; "
+            f"{b['ema_on_cpu']:g} + {b['ema_on_cpu_host']:g} host with EMA on CPU",
+            "≤ 24 for NFT + EMA" if method == "nft" else "")
 
 
 def memory_rows(r: dict) -> list[tuple[str, str, str]]:
@@ -94,10 +99,7 @@ def memory_rows(r: dict) -> list[tuple[str, str, str]]:
         rows.append((f"Peak GPU memory per process ({size}): {name}", f"{c['peak_gib']:.2f} GiB, {verdict} "
                      f"({c['peak_phase']}; host {c['host_gib']:.1f} GiB)", f"≤ {c['usable_gib']:.2f} GiB usable"))
     for method, b in r["bytes_per_trainable_param"].items():
-        rows.append((f"Bytes per trainable param beyond the base, {method}, planner ({size})",
-                     f"{b['no_ema']:g} without EMA; {b['ema_on_device']:g} EMA on device; "
-                     f"{b['ema_on_cpu']:g} + {b['ema_on_cpu_host']:g} host with EMA on CPU",
-                     "≤ 24 for NFT + EMA" if method == "nft" else ""))
+        rows.append(_bytes_row(method, f"planner ({size})", b))
     return rows
 
 

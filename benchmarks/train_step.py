@@ -52,14 +52,9 @@ def proxy_argv(models, data, out, **flags) -> list[str]:
             "output_dir": out, "resolution": 128, "reference_strip_height": 32, "max_sequence_length": 32,
             "num_tokens": 16, "max_train_steps": BIG, "checkpointing_steps": BIG, "report_to": "none",
             "mixed_precision": "no", "use_ema": True, "ema_device": "cpu", "learning_rate": 1e-4}
-    base.update(flags)
-    argv = []
-    for k, v in base.items():
-        if v is True:
-            argv.append(f"--{k}")
-        elif v is not False and v is not None:
-            argv += [f"--{k}", str(v)]
-    return argv
+    from train.config import to_argv
+
+    return to_argv({**base, **flags})
 
 
 def _trainer(argv):

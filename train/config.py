@@ -160,6 +160,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def to_argv(flags: dict) -> list[str]:
+    """``{"use_ema": True, "resolution": 64, "report_to": None}`` -> ``["--use_ema", "--resolution", "64"]``:
+    ``True`` is a bare switch, ``False`` and ``None`` are left out."""
+    argv = []
+    for k, v in flags.items():
+        if v is True:
+            argv.append(f"--{k}")
+        elif v is not False and v is not None:
+            argv += [f"--{k}", str(v)]
+    return argv
+
+
 def parse_args(argv=None) -> TrainConfig:
     ns = build_parser().parse_args(argv)
     cfg = TrainConfig(**vars(ns))

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from train.config import to_argv
 from train.models.checkpoint_io import read_adapter_file
 
 
@@ -17,14 +18,7 @@ def tiny_train_args(tiny_models, data: Path, out: Path, steps: int, **flags) -> 
         "num_tokens": 8, "max_sequence_length": 32, "reference_strip_height": 16, "report_to": "none",
         "learning_rate": 1e-3,
     }
-    base.update(flags)
-    argv = []
-    for k, v in base.items():
-        if v is True:
-            argv.append(f"--{k}")
-        elif v is not False and v is not None:
-            argv += [f"--{k}", str(v)]
-    return argv
+    return to_argv({**base, **flags})
 
 
 def adapter_weights(path: Path) -> dict[str, torch.Tensor]:
