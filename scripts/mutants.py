@@ -22,6 +22,15 @@ TESTS = {
     "stat_tracking": ("train/tests/test_stat_tracking.py",),
     "nft": ("train/tests/test_nft_forward.py",),
     "sample_cache": ("train/tests/test_sample_cache.py",),  # its slow test trains two tiny runs
+    # the GRPO loop: ratio 1 at the first update (with and without a window), the window's forwards, learning
+    # in both reward directions, resume, two processes
+    "grpo_trainer": tuple(f"train/tests/test_rl_trainers.py::{t}" for t in (
+        "test_grpo_first_update_has_ratio_one_and_every_parameter_changes",
+        "test_sde_window_trains_only_window_steps",
+        "test_rl_moves_the_held_out_reward_the_right_way[grpo-1]",
+        "test_rl_moves_the_held_out_reward_the_right_way[grpo--1]",
+        "test_rl_resumed_twice_equals_the_uninterrupted_run[grpo]",
+        "test_two_processes_equal_one_process_with_the_same_global_batch[grpo]")),
 }
 
 
@@ -45,6 +54,7 @@ CK, EMA, PC = "train/checkpointing.py", "train/rl_ip/ema.py", "train/rl_ip/param
 TR, RW = "train/trainer.py", "train/rl_ip/reward.py"
 SAM, GR, ST = "train/rl_ip/sampling.py", "train/rl_ip/grpo_utils.py", "train/rl_ip/stat_tracking.py"
 NF, SC = "train/rl_logic/nft_forward.py", "train/sample_cache.py"
+GT = "train/rl_logic/grpo_trainer.py"
 LEARN = ("train/tests/test_learning.py::test_one_training_step_computes_the_flow_matching_loss_by_hand",
          "train/tests/test_learning.py::test_training_lowers_the_sampling_error_on_held_out_noise")
 
@@ -428,7 +438,8 @@ MUTANTS = [
     M("sample_cache", SC, 'h.update(f"{tuple(t.shape)}{t.dtype}".encode())', 'h.update(f"{tuple(t.shape)}".encode())'),
     M("sample_cache", SC, "        h.update(memoryview(t.view(torch.uint8).numpy()))\n", "        pass\n"),
     M("sample_cache", SC, 't = t.detach().to("cpu").contiguous()', 't = t.detach().to("cpu")'),
-    M("sample_cache", SC, 'return f"{image.mode}{image.size}" + hashlib', 'return f"{image.mode}" + hashlib'),
+    M("sample_cache", "train/rewards/codec.py", 'h = hashlib.sha256(f"{image.mode}:{image.size[0]}x{image.size[1]}:".encode())',
+      'h = hashlib.sha256(f"{image.mode}:".encode())'),
     M("sample_cache", SC, "factor = 2 ** (len(vae_config[\"block_out_channels\"]) - 1)",
       "factor = 2 ** len(vae_config[\"block_out_channels\"])"),
     M("sample_cache", SC, "return 2 * vae_config[\"latent_channels\"] * (height // factor) * (width // factor) * element_size",
@@ -451,6 +462,24 @@ MUTANTS = [
     M("sample_cache", SC, "return sum(t.numel() * t.element_size() for table", "return sum(t.numel() for table"),
     M("sample_cache", SC, "for table in (self.clean, self.masked) for t in table.values())",
       "for table in (self.clean,) for t in table.values())"),
+]
+MUTANTS += [
+    # ------------------------------------------------------------------ the GRPO loop
+    M("grpo_trainer", GT, "adv = rewards.advantages[idx].to(acc.device)", "adv = -rewards.advantages[idx].to(acc.device)"),
+    M("grpo_trainer", GT, "prev_sample=x_next, sde_type=cfg.rl_sde_type,\n                        sigma_max=sigma_max)",
+      "prev_sample=x, sde_type=cfg.rl_sde_type,\n                        sigma_max=sigma_max)"),
+    M("grpo_trainer", GT, "old_log_probs[rows, s].to(acc.device)", "old_log_probs[rows, 0].to(acc.device)"),
+    M("grpo_trainer", GT, "s[[i + 1 for i in t.steps]]", "s[[i for i in t.steps]]"),
+    M("grpo_trainer", GT, "sigma_max = float(batches[0][2][1])", "sigma_max = float(batches[0][2][2])"),
+    M("grpo_trainer", GT, "acc.gradient_accumulation_steps = cfg.gradient_accumulation_steps * num_trained",
+      "acc.gradient_accumulation_steps = cfg.gradient_accumulation_steps"),
+    M("grpo_trainer", GT, "x, x_next = latents[rows, s], next_latents[rows, s]",
+      "x, x_next = latents[rows, s], next_latents[rows, 0]"),
+    M("grpo_trainer", GT, "keyed_generator(cfg.seed, 23, rl.epoch, inner, image_ids[i])",
+      "keyed_generator(cfg.seed, 23, inner, image_ids[i])"),
+    M("grpo_trainer", GT, "                if trainer.global_step >= end:\n                    return last\n", ""),
+    M("grpo_trainer", GT, "stochastic=range(lo, hi), noise_level=cfg.rl_noise_level",
+      "stochastic=range(lo, hi), noise_level=0.5 * cfg.rl_noise_level"),
 ]
 for _i, _m in enumerate(MUTANTS):
     _m.id = f"{_m.module}#{sum(1 for x in MUTANTS[:_i] if x.module == _m.module) + 1}"

@@ -19,6 +19,8 @@ import hashlib
 
 import torch
 
+from .rewards.codec import content_key as image_key  # PIL images: mode, size and pixels
+
 
 def content_key(*tensors: torch.Tensor) -> str:
     """A digest of the tensors' shapes, dtypes and bytes."""
@@ -28,11 +30,6 @@ def content_key(*tensors: torch.Tensor) -> str:
         h.update(f"{tuple(t.shape)}{t.dtype}".encode())
         h.update(memoryview(t.view(torch.uint8).numpy()))
     return h.hexdigest()
-
-
-def image_key(image) -> str:
-    """A digest of a PIL image's mode, size and pixels."""
-    return f"{image.mode}{image.size}" + hashlib.sha1(image.tobytes()).hexdigest()
 
 
 def latent_bytes_per_sample(height: int, width: int, vae_config, element_size: int) -> int:
