@@ -22,11 +22,14 @@ TESTS = {
     "stat_tracking": ("train/tests/test_stat_tracking.py",),
     "nft": ("train/tests/test_nft_forward.py",),
     "sample_cache": ("train/tests/test_sample_cache.py",),  # its slow test trains two tiny runs
-    # the GRPO loop: ratio 1 at the first update (with and without a window), the window's forwards, learning
-    # in both reward directions, resume, two processes
+    # the GRPO loop: ratio 1 at the first update (with and without a window), the window's forwards, the trained
+    # steps drawn per sample and epoch, stopping inside an epoch, learning in both reward directions, resume,
+    # two processes
     "grpo_trainer": tuple(f"train/tests/test_rl_trainers.py::{t}" for t in (
         "test_grpo_first_update_has_ratio_one_and_every_parameter_changes",
         "test_sde_window_trains_only_window_steps",
+        "test_grpo_trained_steps_are_drawn_per_sample_and_per_epoch",
+        "test_grpo_stops_at_max_train_steps_inside_an_epoch",
         "test_rl_moves_the_held_out_reward_the_right_way[grpo-1]",
         "test_rl_moves_the_held_out_reward_the_right_way[grpo--1]",
         "test_rl_resumed_twice_equals_the_uninterrupted_run[grpo]",

@@ -167,6 +167,41 @@ def test_sde_window_trains_only_window_steps(tiny_models, data, tmp_path, monkey
     assert {s for c in calls for s in c} == set(sigmas[:5])
 
 
+def test_grpo_trained_steps_are_drawn_per_sample_and_per_epoch(tiny_models, data, tmp_path, monkeypatch):
+    """With half of the 5 stochastic steps trained, each sample draws its own steps, and draws again
+    every RL epoch (one micro-batch of 4 images per epoch: a forward's sigmas are the 4 samples' steps)."""
+    from train.models.calligrapher import Calligrapher
+
+    calls = []
+    real = Calligrapher.velocity
+
+    def recording(self, latents, sigma, cond, adapter=None, params=None):
+        if torch.is_grad_enabled():
+            calls.append(torch.as_tensor(sigma).flatten().tolist())
+        return real(self, latents, sigma, cond, adapter=adapter, params=params)
+
+    monkeypatch.setattr(Calligrapher, "velocity", recording)
+    epochs = 4
+    run_trainer(rl_args(tiny_models, data, tmp_path / "run", epochs, rl_num_inference_steps=6, rl_kl_beta=0.0,
+                        rl_timestep_fraction=0.5))
+    per_epoch = len(calls) // epochs
+    assert per_epoch * epochs == len(calls) and 1 <= per_epoch < 5
+    drawn = [[frozenset(c[i] for c in calls[e * per_epoch:(e + 1) * per_epoch]) for i in range(4)]
+             for e in range(epochs)]
+    assert all(len(steps) == per_epoch for epoch in drawn for steps in epoch)  # distinct steps per sample
+    assert any(len(set(epoch)) > 1 for epoch in drawn)  # samples differ within an epoch
+    assert any(drawn[e][i] != drawn[0][i] for e in range(1, epochs) for i in range(4))  # and between epochs
+
+
+def test_grpo_stops_at_max_train_steps_inside_an_epoch(tiny_models, data, tmp_path):
+    """Two rollout batches per RL epoch train two optimizer steps each epoch; --max_train_steps 3 ends the
+    run after the first step of the second epoch, with its checkpoint."""
+    trainer = run_trainer(rl_args(tiny_models, data, tmp_path / "run", 3, rl_num_batches_per_epoch=2,
+                                  rl_kl_beta=0.0, checkpointing_steps=1000))
+    assert trainer.global_step == 3 and trainer.history[-1][0] == 3
+    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-3"]
+
+
 # ---------------------------------------------------------------------------------------------- NFT copies
 def _condition(model, dataset, n=2):
     from train.data.preprocess import collate_samples
