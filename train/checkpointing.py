@@ -42,7 +42,8 @@ ADAPTER_FILE = "ip-adapter.bin"
 EMA_FILE = "ip-adapter-ema.bin"
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.bin"
-RUN_LOGS = ("logs", "train_log.txt")  # what --overwrite_output_dir removes besides checkpoints
+BEST_FILE = "best.json"  # the best held-out checkpoint of an RL run: never pruned
+RUN_LOGS = ("logs", "train_log.txt", BEST_FILE)  # what --overwrite_output_dir removes besides checkpoints
 _STATE_INTS = ("global_step", "epoch", "position", "global_batch")
 _FULL_LOAD_BYTES = 64 << 20  # archives up to this size are loaded completely when validated
 _SHARDED = ("FSDP", "DEEPSPEED", "MEGATRON_LM")  # accelerate layouts without a plain model.safetensors
@@ -181,9 +182,19 @@ def _move_into_place(tmp: Path, final: Path) -> None:
     shutil.rmtree(aside, ignore_errors=True)
 
 
+def best_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The folder name ``best.json`` records (the best held-out checkpoint of an RL run), or None."""
+    try:
+        return json.loads((Path(output_dir) / BEST_FILE).read_text()).get("checkpoint")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def prune_checkpoints(output_dir: str | os.PathLike, step: int, total_limit: int) -> list[Path]:
-    """After saving ``step``: among checkpoints with step <= ``step`` keep the newest ``total_limit``; returns the deleted."""
-    older = [p for s, p in checkpoint_dirs(output_dir) if s <= step]
+    """After saving ``step``: among checkpoints with step <= ``step`` keep the newest ``total_limit``; returns the
+    deleted. The checkpoint ``best.json`` names is never deleted and does not count towards the limit."""
+    best = best_checkpoint(output_dir)
+    older = [p for s, p in checkpoint_dirs(output_dir) if s <= step and p.name != best]
     doomed = older[:-total_limit] if total_limit > 0 else []
     for p in doomed:
         shutil.rmtree(p, ignore_errors=True)

@@ -8,6 +8,7 @@ all problems at once, so a run never fails minutes in on a bad combination.
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -63,6 +64,12 @@ class TrainConfig:
     adam_epsilon: float = opt(1e-8, "AdamW epsilon.")
     use_8bit_adam: bool = opt(False, "8-bit AdamW from bitsandbytes (CUDA only).")
     max_grad_norm: float = opt(1.0, "Gradient clipping norm (0 disables).")
+    max_grad_norm_skip: float = opt(10.0, "Skip an optimizer step (no weight, EMA or optimizer-state change) whose "
+                                          "gradient norm exceeds this multiple of the median of the last 100 accepted "
+                                          "steps (from the 10th step on); a NaN/Inf loss or gradient is always "
+                                          "skipped. 0 = skip only non-finite steps.")
+    max_consecutive_skips: int = opt(5, "Stop the run (exit code 4, the newest checkpoint intact) after this many "
+                                        "skipped optimizer steps in a row.")
     max_train_steps: int | None = opt(None, "Optimizer steps to train (global_step counts optimizer steps).",
                                       required=True)
     mixed_precision: str = opt("no", "Autocast precision; the frozen base model is stored in this dtype.",
@@ -97,9 +104,15 @@ class TrainConfig:
     rl_num_images_per_prompt: int = opt(1, "Rollouts per dataset sample (group size k).")
     rl_num_batches_per_epoch: int = opt(1, "Rollout batches per RL epoch.")
     rl_num_inference_steps: int = opt(50, "Sampler steps per rollout.")
-    rl_guidance_scale: float = opt(3.5, "Guidance (embedded; FLUX-Fill is guidance-distilled) for rollouts.")
+    rl_guidance_scale: float | None = opt(None, "Guidance embedded in rollouts and the held-out evaluation (default: "
+                                                "--guidance_scale, 30 for FLUX-Fill, the value it is used at).")
     rl_timestep_fraction: float = opt(1.0, "Fraction of sampler steps trained per sample.")
     rl_num_inner_epochs: int = opt(1, "Passes over each RL epoch's rollouts.")
+    rl_learning_rate: float | None = opt(None, "AdamW learning rate of the RL phase (default: --learning_rate). RL "
+                                               "starts with a fresh optimizer and its own --lr_scheduler schedule "
+                                               "from its first step.")
+    rl_adam_weight_decay: float | None = opt(None, "AdamW weight decay of the RL phase (default: "
+                                                   "--adam_weight_decay; flow_grpo and DiffusionNFT use 1e-4).")
     rl_adv_clip_max: float = opt(5.0, "Advantages are clamped to [-max, max].")
     rl_per_prompt_stat_tracking: bool = opt(False, "Normalise rewards within each group (needs k > 1).")
     rl_kl_beta: float | None = opt(None, "KL weight to the RL-start adapter (default 0.1 for grpo, 0.01 for nft).")
@@ -108,7 +121,9 @@ class TrainConfig:
     rl_reward_norm: str = opt("weighted", "'weighted': normalise the weighted reward; 'per_scorer': normalise each "
                                           "scorer's score first, then weight (GDPO-style; keeps one scorer's scale "
                                           "from drowning the others).", choices=("weighted", "per_scorer"))
-    rl_copy_dtype: str = opt("bf16", "Storage dtype of the RL reference and NFT old adapter copies.",
+    rl_copy_dtype: str = opt("bf16", "Storage dtype of the RL reference copy (and of the NFT old copy with "
+                                     "--nft_decay_type 0). An old copy that decays (types 1, 2) is always fp32: "
+                                     "in bf16 it stops moving once (1 - d)|theta - old| falls below half an ulp.",
                              choices=("bf16", "fp32"))
     rl_eval_data: str | None = opt(None, "Held-out data (same formats as --train_data_json) scored with deterministic "
                                          "samples every --rl_eval_every RL epochs, logged under eval/.")
@@ -119,14 +134,22 @@ class TrainConfig:
     rl_eval_num_inference_steps: int | None = opt(None, "Sampler steps of the held-out evaluation (default: "
                                                         "--rl_num_inference_steps).")
     rl_image_log_every: int = opt(0, "Log a TensorBoard image grid of rollouts every N RL epochs (0 = never).")
-    rl_grpo_clip_range: float = opt(0.2, "GRPO ratio clip range.")
+    rl_divergence_patience: int = opt(3, "Warn when the held-out reward has fallen for this many evaluations in a "
+                                         "row while the training reward rose (reward hacking); 0 = never.")
+    rl_stop_on_divergence: bool = opt(False, "Stop the run (after a checkpoint) when that warning fires; the best "
+                                             "held-out checkpoint is kept as OUTPUT_DIR/best.json names it.")
+    rl_grpo_clip_range: float = opt(0.2, "GRPO ratio clip range. One update moves |log ratio| by ~1e-3, so 0.2 "
+                                         "never binds: use 1e-4 (sde) or 1e-5 (cps) and watch train/clipfrac.")
+    rl_grpo_guard: bool = opt(False, "GRPO-Guard (--rl_sde_type sde): normalise each step's log-ratio and re-weight "
+                                     "its gradient across steps (see the guide).")
     rl_noise_level: float = opt(0.7, "GRPO SDE noise level a.")
     rl_sde_type: str = opt("sde", "GRPO sampler: 'sde' (flow_grpo's SDE) or 'cps' (coefficients-preserving).",
                            choices=("sde", "cps"))
     rl_sde_window_size: int = opt(0, "Stochastic window of W consecutive steps per rollout, the only steps trained "
                                      "(0 = every step but the last is stochastic).")
-    rl_sde_window_range: str | None = opt(None, "'lo,hi': the window lies inside steps [lo, hi) "
-                                                "(default: 0,rl_num_inference_steps-1).")
+    rl_sde_window_range: str | None = opt(None, "'lo,hi': the window lies inside steps [lo, hi) (default: "
+                                                "0,rl_num_inference_steps-1 for sde; the first half of the "
+                                                "trajectory, 0,rl_num_inference_steps//2, for cps).")
     nft_beta: float = opt(0.5, "DiffusionNFT mixing coefficient beta.")
     nft_adv_mode: str = opt("normal", "How NFT uses advantages.",
                             choices=("normal", "positive_only", "negative_only", "one_only", "binary"))
@@ -175,8 +198,20 @@ def to_argv(flags: dict) -> list[str]:
 def parse_args(argv=None) -> TrainConfig:
     ns = build_parser().parse_args(argv)
     cfg = TrainConfig(**vars(ns))
-    if cfg.rl_kl_beta is None:  # method-dependent default, resolved after parsing
+    resolve_defaults(cfg)
+    return cfg
+
+
+def resolve_defaults(cfg: TrainConfig) -> TrainConfig:
+    """Fill the flags whose default depends on other flags (``None`` = not given)."""
+    if cfg.rl_kl_beta is None:
         cfg.rl_kl_beta = 0.1 if cfg.rl_method == "grpo" else 0.01
+    if cfg.rl_guidance_scale is None:  # rollouts in the regime the model is deployed in
+        cfg.rl_guidance_scale = cfg.guidance_scale
+    if cfg.rl_learning_rate is None:
+        cfg.rl_learning_rate = cfg.learning_rate
+    if cfg.rl_adam_weight_decay is None:
+        cfg.rl_adam_weight_decay = cfg.adam_weight_decay
     return cfg
 
 
@@ -184,8 +219,11 @@ def validate(cfg: TrainConfig) -> list[str]:
     """Every problem with the configuration, each naming its flag. Empty list = fine."""
     p: list[str] = []
     for f in fields(TrainConfig):
-        if f.metadata.get("required") and getattr(cfg, f.name) in (None, ""):
+        value = getattr(cfg, f.name)
+        if f.metadata.get("required") and value in (None, ""):
             p.append(f"--{f.name} is required")
+        if isinstance(value, float) and not math.isfinite(value):
+            p.append(f"--{f.name} must be a finite number, got {value}")
     if cfg.model_type != "flux":
         p.append(f"--model_type {cfg.model_type!r} is not supported; only 'flux' (FLUX.1-Fill-dev) exists")
     for name in ("pretrained_model_name_or_path", "siglip_path"):
@@ -224,6 +262,11 @@ def validate(cfg: TrainConfig) -> list[str]:
         p.append(f"--reward_failure_budget must be in [0, 1), got {cfg.reward_failure_budget}")
     if cfg.masked_loss_weight < 0:
         p.append("--masked_loss_weight must be non-negative")
+    if cfg.max_grad_norm_skip < 0 or (0 < cfg.max_grad_norm_skip <= 1):
+        p.append(f"--max_grad_norm_skip must be 0 (off) or > 1 (a multiple of the median gradient norm), "
+                 f"got {cfg.max_grad_norm_skip}")
+    if cfg.max_consecutive_skips < 1:
+        p.append(f"--max_consecutive_skips must be at least 1, got {cfg.max_consecutive_skips}")
     if cfg.rl_per_prompt_stat_tracking and cfg.rl_num_images_per_prompt < 2:
         p.append("--rl_per_prompt_stat_tracking needs --rl_num_images_per_prompt >= 2: with one image per prompt "
                  "every group has zero spread and every advantage would be 0")
@@ -245,6 +288,15 @@ def sde_window_range(cfg: TrainConfig) -> tuple[int, int] | None:
     return lo, hi
 
 
+def default_window_range(cfg: TrainConfig) -> tuple[int, int] | None:
+    """The stochastic steps without ``--rl_sde_window_range``: every step but the last for ``sde``; the first
+    half of the trajectory for ``cps``, whose late steps' tiny transition std would otherwise dominate the
+    log-ratio and its gradient (the guide gives the numbers)."""
+    if cfg.rl_sde_type == "cps":
+        return 0, max(1, cfg.rl_num_inference_steps // 2)
+    return None
+
+
 def _check_rl(cfg: TrainConfig) -> list[str]:
     from .rewards.base import parse_reward_weights
 
@@ -264,6 +316,17 @@ def _check_rl(cfg: TrainConfig) -> list[str]:
         p.append(f"--rl_adv_clip_max must be positive, got {cfg.rl_adv_clip_max}")
     if cfg.rl_kl_beta is not None and cfg.rl_kl_beta < 0:
         p.append(f"--rl_kl_beta must be >= 0, got {cfg.rl_kl_beta}")
+    if cfg.rl_learning_rate is not None and cfg.rl_learning_rate <= 0:
+        p.append(f"--rl_learning_rate must be positive, got {cfg.rl_learning_rate}")
+    if cfg.rl_adam_weight_decay is not None and cfg.rl_adam_weight_decay < 0:
+        p.append(f"--rl_adam_weight_decay must be >= 0, got {cfg.rl_adam_weight_decay}")
+    if cfg.rl_guidance_scale is not None and cfg.rl_guidance_scale < 0:
+        p.append(f"--rl_guidance_scale must be >= 0, got {cfg.rl_guidance_scale}")
+    if cfg.rl_divergence_patience < 0:
+        p.append(f"--rl_divergence_patience must be >= 0, got {cfg.rl_divergence_patience}")
+    if cfg.rl_stop_on_divergence and not (cfg.rl_divergence_patience and cfg.rl_eval_data):
+        p.append("--rl_stop_on_divergence needs --rl_eval_data and --rl_divergence_patience > 0 (the held-out "
+                 "reward it watches)")
     if cfg.rl_global_std and not cfg.rl_per_prompt_stat_tracking:
         p.append("--rl_global_std only applies with --rl_per_prompt_stat_tracking")
     if cfg.rl_method == "grpo":
@@ -271,15 +334,21 @@ def _check_rl(cfg: TrainConfig) -> list[str]:
             p.append("--rl_noise_level must be positive for GRPO: a deterministic step has no log-probability")
         if cfg.rl_grpo_clip_range <= 0:
             p.append(f"--rl_grpo_clip_range must be positive, got {cfg.rl_grpo_clip_range}")
+        if cfg.rl_grpo_guard and cfg.rl_sde_type != "sde":
+            p.append("--rl_grpo_guard applies to --rl_sde_type sde (its ratio normalisation assumes the sde step's "
+                     "Gaussian); use it without --rl_sde_type cps")
         try:
             from .rl_ip.sampling import check_sde_window
 
-            p.extend(check_sde_window(cfg.rl_num_inference_steps, cfg.rl_sde_window_size, sde_window_range(cfg)))
+            p.extend(check_sde_window(cfg.rl_num_inference_steps, cfg.rl_sde_window_size, sde_window_range(cfg),
+                                      default_range=default_window_range(cfg)))
         except ValueError as exc:
             p.append(str(exc))
     else:
         if not 0 < cfg.nft_beta <= 1:
             p.append(f"--nft_beta must be in (0, 1], got {cfg.nft_beta}")
+        if cfg.rl_grpo_guard:
+            p.append("--rl_grpo_guard applies to GRPO only")
         for name in ("rl_sde_window_size", "rl_sde_window_range"):
             if getattr(cfg, name):
                 p.append(f"--{name} applies to GRPO only (NFT rolls out with the deterministic sampler)")

@@ -55,3 +55,12 @@ def pixel_mask_to_tokens(mask: torch.Tensor, patch: int = 16) -> torch.Tensor:
     """``[B, 1, H, W]`` in [0, 1] -> ``[B, (H/16)*(W/16)]`` fraction covered, in FLUX's packing order."""
     pooled = torch.nn.functional.avg_pool2d(mask.float(), patch)
     return pooled.flatten(1)
+
+
+def source_region_tokens(mask: torch.Tensor, boxes) -> torch.Tensor:
+    """``[B, L]`` fraction of each packed token inside sample i's source box ``(left, top, right, bottom)``
+    on a ``[B, 1, H, W]`` canvas (``mask`` gives the canvas shape): the in-context reference strip gets 0."""
+    region = torch.zeros_like(mask, dtype=torch.float32)
+    for i, (left, top, right, bottom) in enumerate(boxes):
+        region[i, :, top:bottom, left:right] = 1
+    return pixel_mask_to_tokens(region)

@@ -28,7 +28,8 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from .config import TrainConfig, build_parser, validate
+from .config import TrainConfig, build_parser, default_window_range, resolve_defaults, sde_window_range, validate
+from .rl_ip.param_copy import copy_dtypes
 from .plan_memory import StepShape, optimizer_step_bytes, simulate_step
 from .plan_model import DTYPES, ModelSpec, adamw8bit_state_bytes, adamw_state_bytes, count_components
 from .sample_cache import latent_bytes_per_sample
@@ -212,9 +213,9 @@ def _plan(cfg: TrainConfig, num_processes: int, gpu_memory_gb: float | None, spe
     opt_dev, opt_host = (adamw8bit_state_bytes(numels), 0) if cfg.use_8bit_adam else adamw_state_bytes(numels)
     ema_host = cfg.use_ema and cfg.ema_device == "cpu"
     ema = 4 * n if cfg.use_ema else 0
-    copy_size = _size(DTYPES["bf16" if cfg.rl_copy_dtype == "bf16" else "no"])
-    rl_ref = copy_size * n if cfg.use_rl and cfg.rl_kl_beta > 0 else 0
-    rl_old = copy_size * n if cfg.use_rl and cfg.rl_method == "nft" else 0
+    copies = copy_dtypes(cfg)
+    rl_ref = _size(copies["ref"]) * n if cfg.use_rl and cfg.rl_kl_beta > 0 else 0
+    rl_old = _size(copies["old"]) * n if cfg.use_rl and cfg.rl_method == "nft" else 0
     buffers = _rl_epoch_buffers(cfg, spec, image_tokens, wdt) if cfg.use_rl else 0
     encoders = comp.clip + comp.t5
     wsize = _size(wdt)
@@ -244,7 +245,9 @@ def _plan(cfg: TrainConfig, num_processes: int, gpu_memory_gb: float | None, spe
             "" if cfg.use_ema else "--use_ema off"),
         Row("rl_ref", f"RL reference copy ({cfg.rl_copy_dtype})", rl_ref, 0,
             "" if rl_ref else "no RL or --rl_kl_beta 0"),
-        Row("nft_old", f"NFT old copy ({cfg.rl_copy_dtype})", rl_old, 0, "" if rl_old else "NFT only"),
+        Row("nft_old", f"NFT old copy ({'fp32' if copies['old'] == torch.float32 else cfg.rl_copy_dtype})", rl_old, 0,
+            ("fp32: it decays (--nft_decay_type != 0)" if copies["old"] == torch.float32 else "") if rl_old
+            else "NFT only"),
         Row("rl_buffers", "RL epoch buffers", buffers, 0, "one epoch's conditionings and latents, and the copies "
             "the update concatenates" if cfg.use_rl else "no RL"),
         Row("style_cache", "SigLIP embedding cache", 0, 0, f"on the device, {spec.style_dim * wsize} B per training "
@@ -271,7 +274,8 @@ def _plan(cfg: TrainConfig, num_processes: int, gpu_memory_gb: float | None, spe
 
     accumulating = cfg.gradient_accumulation_steps > 1 or bool(grads_held)
     shape = StepShape("supervised", cfg.train_batch_size, (h, w), text_tokens, cfg.num_tokens, cfg.mixed_precision,
-                      cfg.gradient_checkpointing, accumulating, False, cfg.rl_copy_dtype)
+                      cfg.gradient_checkpointing, accumulating, False, cfg.rl_copy_dtype,
+                      "fp32" if copies["old"] == torch.float32 else "bf16")
     work = {}
     if not cfg.use_rl or cfg.rl_warmup_steps > 0:
         sim = simulate(shape)  # without accumulation its peak includes the gradients it creates
@@ -288,8 +292,6 @@ def _plan(cfg: TrainConfig, num_processes: int, gpu_memory_gb: float | None, spe
                    Phase(f"{m}: VAE encode / decode", state + max(sim["vae_encode"], sim["vae_decode"])),
                    Phase(f"{m}: trained forward/backward", state + grads_when_stepping + sim["train"]),
                    Phase(f"{m}: optimizer step", state + grads_when_stepping + opt_tmp)]
-        if cfg.rl_method == "nft" and cfg.nft_decay_type != 0 and cfg.rl_copy_dtype != "fp32":
-            phases.append(Phase("NFT: old-copy update", state + 4 * max(numels)))  # blended in fp32, per tensor
         work[cfg.rl_method] = sim["train"]
     largest = max(work, key=work.get)
     rows += [Row("working", "step working memory (estimate)", work[largest], 0, f"{largest} forward/backward: "
@@ -323,7 +325,8 @@ def _rl_epoch_buffers(cfg: TrainConfig, spec: ModelSpec, image_tokens: int, wdt:
             + spec.style_dim) * w + 4
     per_batch_ids = (cfg.max_sequence_length + image_tokens) * 3 * w
     if cfg.rl_method == "grpo":
-        steps = cfg.rl_sde_window_size or cfg.rl_num_inference_steps - 1
+        lo, hi = sde_window_range(cfg) or default_window_range(cfg) or (0, cfg.rl_num_inference_steps - 1)
+        steps = cfg.rl_sde_window_size or hi - lo
         latents = 2 * steps * image_tokens * 64 * 4 + steps * 4
     else:
         latents = image_tokens * 64 * 4
@@ -415,8 +418,7 @@ def parse_plan_args(argv=None) -> tuple[TrainConfig, int, float]:
     ns = vars(parser.parse_args(argv))
     num_processes, gpu = ns.pop("num_processes"), ns.pop("gpu_memory_gb")
     cfg = TrainConfig(**ns)
-    if cfg.rl_kl_beta is None:
-        cfg.rl_kl_beta = 0.1 if cfg.rl_method == "grpo" else 0.01
+    resolve_defaults(cfg)
     # A plan needs no data, output folder or step count, and is made for the GPU machine, not this one.
     problems = [p for p in validate(cfg) if not p.endswith(" is required") and "--use_8bit_adam" not in p]
     if num_processes < 1:

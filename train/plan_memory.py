@@ -160,7 +160,8 @@ class StepShape:
     checkpointing: bool
     grads_exist: bool  # accumulating into existing gradients (RL always; supervised with accumulation > 1)
     reference: bool  # a reference-adapter forward (KL weight > 0)
-    copy_dtype: str  # --rl_copy_dtype
+    copy_dtype: str  # --rl_copy_dtype (the reference copy)
+    old_copy_dtype: str = ""  # the NFT old copy ("fp32" when it decays); "" = copy_dtype
 
 
 def _fake_mode():
@@ -305,9 +306,9 @@ def _depth_peaks(spec: ModelSpec, shape: StepShape) -> dict[str, dict[tuple, int
             model.transformer.enable_gradient_checkpointing()
         adapter = model.adapter
         adapter.train()
-        copy_dtype = DTYPES["bf16" if shape.copy_dtype == "bf16" else "no"]
-        copies = {name: {n: t.detach().to(copy_dtype, copy=True) for n, t in adapter.state_dict().items()}
-                  for name in ("ref", "old")}
+        stored = {"ref": shape.copy_dtype, "old": shape.old_copy_dtype or shape.copy_dtype}
+        copies = {name: {n: t.detach().to(DTYPES["bf16" if stored[name] == "bf16" else "no"], copy=True)
+                         for n, t in adapter.state_dict().items()} for name in ("ref", "old")}
         state = _state_tensors(model) + [t for c in copies.values() for t in c.values()]
         if shape.grads_exist:
             for p in adapter.parameters():

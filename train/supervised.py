@@ -36,10 +36,7 @@ def supervised_loss(trainer: Trainer, batch, keys, train_sigmas: torch.Tensor) -
     x_t = interpolate(x0, noise, sigma)
     target = noise - x0
 
-    region = torch.zeros_like(batch.mask)
-    for i, (left, top, right, bottom) in enumerate(batch.source_boxes):
-        region[i, :, top:bottom, left:right] = 1
-    weights = token_weights(pixel_mask_to_tokens(batch.mask), pixel_mask_to_tokens(region),
+    weights = token_weights(pixel_mask_to_tokens(batch.mask), trainer.source_tokens(batch),
                             cfg.masked_loss_weight).to(x0.device)
     with trainer.accelerator.autocast():
         pred = model.velocity(x_t, sigma, cond, adapter=trainer.adapter)
@@ -59,7 +56,7 @@ def train_supervised(trainer: Trainer, end: int) -> None:
             with acc.accumulate(trainer.adapter):
                 loss = supervised_loss(trainer, batch, keys, train_sigmas)
                 acc.backward(loss)
-                grad_norm = trainer.optimizer_step()
+                grad_norm = trainer.optimizer_step(loss)
             losses.append(loss.detach())
             if not acc.sync_gradients:
                 continue

@@ -20,7 +20,7 @@ def main(argv=None) -> int:
     from .config import ConfigError
     from .data.dataset import DatasetError
     from .models.checkpoint_io import AdapterFileError
-    from .trainer import Trainer
+    from .trainer import RunStopped, Trainer
 
     from .rl_ip.reward import RewardError
 
@@ -43,6 +43,9 @@ def main(argv=None) -> int:
         print(f"error: rewards could not be computed: {exc}. The newest checkpoint in {cfg.output_dir} is intact; "
               "fix the reward service and continue with --resume_from_checkpoint latest", file=sys.stderr)
         return 3
+    except RunStopped as exc:  # diverged (exit 4) or stopped on the held-out alarm (exit 0); checkpoints intact
+        print(f"{'error' if exc.exit_code else 'stopped'}: {exc}", file=sys.stderr)
+        return exc.exit_code
     return 0
 
 

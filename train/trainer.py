@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import math
 import os
+import statistics
 import time
+from collections import deque
 from pathlib import Path
 
 import torch
@@ -55,12 +57,22 @@ def sample_generator(seed: int, epoch: int, position: int) -> torch.Generator:
 DDP_KWARGS = DistributedDataParallelKwargs(gradient_as_bucket_view=True)
 
 
+class RunStopped(Exception):
+    """The run stopped on purpose before ``--max_train_steps``; the entry point prints it and exits ``exit_code``."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 class RLRunState:
     """What an RL phase adds to a checkpoint (registered with accelerate, saved and restored with it).
 
     ``ref`` is the adapter as it was when RL started (KL anchor), ``old`` the NFT old adapter,
     both :class:`~train.rl_ip.param_copy.ParamCopy`; ``epoch`` counts finished RL epochs and
-    ``start_step`` is the global step at which RL began.
+    ``start_step`` is the global step at which RL began. ``evals`` holds one
+    ``[rl_epoch, held-out reward, training reward]`` per held-out evaluation (the divergence alarm
+    and the best checkpoint read it); ``stats`` run counters (e.g. RL epochs in a row with clipfrac 0).
     """
 
     def __init__(self):
@@ -69,16 +81,113 @@ class RLRunState:
         self.ref = None
         self.old = None
         self.stats: dict[str, float] = {}
+        self.evals: list[list[float]] = []
+        self.saved_copies: dict | None = None  # copies read from a checkpoint, until the trainer rebuilds them
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "start_step": self.start_step, "stats": dict(self.stats),
+                "evals": [list(e) for e in self.evals],
                 "ref": None if self.ref is None else self.ref.state_dict(),
                 "old": None if self.old is None else self.old.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.start_step = int(state["epoch"]), state["start_step"]
         self.stats = dict(state.get("stats", {}))
-        self._pending = {"ref": state.get("ref"), "old": state.get("old")}
+        self.evals = [list(e) for e in state.get("evals", [])]
+        self.saved_copies = {"ref": state.get("ref"), "old": state.get("old")}
+
+
+class PhaseSchedule:
+    """The LR schedule of the current phase: the supervised one from step 0, then (at RL start, see
+    :meth:`start_rl`) the same ``--lr_scheduler`` restarted on ``--rl_learning_rate`` over the RL steps.
+
+    Registered with accelerate in place of the bare scheduler, so a checkpoint says which phase's schedule
+    it continues. accelerate restores the optimizer (with its learning rate) before this object; rebuilding
+    the RL scheduler would reset that learning rate, so :meth:`load_state_dict` writes the saved one back.
+    """
+
+    def __init__(self, cfg: TrainConfig, optimizer):
+        self.cfg, self.optimizer, self.phase = cfg, optimizer, "supervised"
+        self.rl_start_step: int | None = None
+        self.scheduler = self._build(cfg.max_train_steps)
+
+    def _build(self, num_steps: int):
+        from diffusers.optimization import get_scheduler
+
+        return get_scheduler(self.cfg.lr_scheduler, self.optimizer, num_warmup_steps=self.cfg.lr_warmup_steps,
+                             num_training_steps=num_steps)
+
+    def start_rl(self, rl_start_step: int) -> None:
+        """Switch to the RL schedule: base LR ``--rl_learning_rate``, weight decay ``--rl_adam_weight_decay``."""
+        cfg = self.cfg
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["initial_lr"] = cfg.rl_learning_rate
+            group["weight_decay"] = cfg.rl_adam_weight_decay
+        self.phase, self.rl_start_step = "rl", rl_start_step
+        self.scheduler = self._build(max(1, cfg.max_train_steps - rl_start_step))
+
+    def step(self) -> None:
+        self.scheduler.step()
+
+    def get_last_lr(self) -> list[float]:
+        return self.scheduler.get_last_lr()
+
+    def state_dict(self) -> dict:
+        return {"phase": self.phase, "rl_start_step": self.rl_start_step,
+                "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["phase"] == "rl":
+            self.phase = "rl"
+            self.rl_start_step = state["rl_start_step"]
+            self.scheduler = self._build(max(1, self.cfg.max_train_steps - self.rl_start_step))
+        self.scheduler.load_state_dict(state["scheduler"])
+        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
+            group["lr"] = lr
+
+
+class StepGuard:
+    """Decides whether an optimizer step is taken: a non-finite loss or gradient norm, or a norm above
+    ``--max_grad_norm_skip`` x the median of the last ``WINDOW`` accepted norms (once ``MIN_HISTORY`` exist),
+    skips the step. Its counters travel in ``trainer_state.json`` so a resumed run decides as an uninterrupted
+    one would."""
+
+    WINDOW, MIN_HISTORY = 100, 10
+
+    def __init__(self, factor: float, max_consecutive: int):
+        self.factor, self.max_consecutive = factor, max_consecutive
+        self.norms: deque[float] = deque(maxlen=self.WINDOW)
+        self.skipped = 0
+        self.consecutive = 0
+
+    def reason(self, grad_norm: float, loss_finite: bool) -> str | None:
+        """Why this step must be skipped, or None to take it."""
+        if not loss_finite:
+            return "non-finite loss"
+        if not math.isfinite(grad_norm):
+            return f"non-finite gradient norm ({grad_norm})"
+        if self.factor > 0 and len(self.norms) >= self.MIN_HISTORY:
+            median = statistics.median(self.norms)
+            if grad_norm > self.factor * median:
+                return (f"gradient norm {grad_norm:.4g} > --max_grad_norm_skip {self.factor:g} x the running "
+                        f"median {median:.4g}")
+        return None
+
+    def record(self, grad_norm: float, skipped: bool) -> None:
+        if skipped:
+            self.skipped += 1
+            self.consecutive += 1
+        else:
+            self.consecutive = 0
+            self.norms.append(grad_norm)
+
+    def state_dict(self) -> dict:
+        return {"norms": list(self.norms), "skipped": self.skipped, "consecutive": self.consecutive}
+
+    def load_state_dict(self, state: dict | None) -> None:
+        if state:
+            self.norms = deque(state["norms"], maxlen=self.WINDOW)
+            self.skipped, self.consecutive = int(state["skipped"]), int(state["consecutive"])
 
 
 class Trainer:
@@ -100,6 +209,9 @@ class Trainer:
         self.history: list[tuple[int, dict[str, float]]] = []  # every logged (step, metrics), for tests and tools
         self._notes: list[str] = []  # start-up lines for the console and train_log.txt once the monitor exists
         self._checkpoint_due = False
+        self.guard = StepGuard(cfg.max_grad_norm_skip, cfg.max_consecutive_skips)
+        self.step_skipped = False  # whether the last synchronising micro-batch skipped its optimizer step
+        self._loss_finite = True  # of every micro-batch since the last optimizer step
 
     # ------------------------------------------------------------------ set-up
     def setup(self) -> None:
@@ -147,10 +259,7 @@ class Trainer:
         adapter.train()
         params = [p for p in adapter.parameters() if p.requires_grad]
         optimizer = self._optimizer(params)
-        from diffusers.optimization import get_scheduler
-
-        self.lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
-                                          num_training_steps=cfg.max_train_steps)
+        self.lr_scheduler = PhaseSchedule(cfg, optimizer)
         self.adapter, self.optimizer = acc.prepare(adapter, optimizer)
         acc.register_for_checkpointing(self.lr_scheduler)  # stepped by us once per optimizer step
         if cfg.use_rl:
@@ -193,8 +302,9 @@ class Trainer:
                 self._notes.append(f"removed an incomplete checkpoint left by an interrupted write: {stale}")
         acc.wait_for_everyone()
         resume = ckpt.resolve_resume(out, cfg.resume_from_checkpoint, expect_ema=cfg.use_ema, log=self._notes.append)
-        if resume is None and acc.is_main_process:  # a fresh run starts its own held-out curve
+        if resume is None and acc.is_main_process:  # a fresh run starts its own held-out curve and best
             (out / "eval_rewards.jsonl").unlink(missing_ok=True)
+            (out / ckpt.BEST_FILE).unlink(missing_ok=True)
         return resume
 
     def _memory_plan(self) -> str:
@@ -301,17 +411,18 @@ class Trainer:
             raise ConfigError(f"{path} was written with a global batch of {state['global_batch']}, this run has "
                              f"{self.global_batch}: the data position cannot be continued exactly")
         self.global_step, self.epoch, self.position = state["global_step"], state["epoch"], state["position"]
-        pending = getattr(self.rl, "_pending", None)
-        if pending:
-            from .rl_ip.param_copy import ParamCopy
+        self.guard.load_state_dict(state.get("step_guard"))
+        saved = self.rl.saved_copies
+        if saved:
+            from .rl_ip.param_copy import ParamCopy, copy_dtypes
 
-            dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[self.cfg.rl_copy_dtype]
+            dtypes = copy_dtypes(self.cfg)
             for name in ("ref", "old"):
-                if pending[name] is not None:
-                    copy = ParamCopy(self.model.adapter, dtype)
-                    copy.load_state_dict(pending[name])
+                if saved[name] is not None:
+                    copy = ParamCopy(self.model.adapter, dtypes[name])
+                    copy.load_state_dict(saved[name])
                     setattr(self.rl, name, copy)
-            del self.rl._pending
+            self.rl.saved_copies = None
 
     # ------------------------------------------------------------------ data
     def epoch_order(self, epoch: int) -> list[int]:
@@ -350,6 +461,13 @@ class Trainer:
         """Packed latents ``x0`` of the batch's sources, cached per sample unless ``--latent_cache off``."""
         return self.encoders.clean_latents(batch.image)
 
+    def source_tokens(self, batch) -> torch.Tensor:
+        """``[B, L]`` fraction of each packed token inside the source region: the in-context reference strip
+        (cropped off before scoring, never a target) gets 0. Every training objective weights its tokens by it."""
+        from .flow_matching import source_region_tokens
+
+        return source_region_tokens(batch.mask, batch.source_boxes)
+
     def condition(self, batch, guidance_scale: float):
         """The model conditioning of a :class:`~train.data.preprocess.SampleBatch` (cached prompts, styles and
         masked-source latents)."""
@@ -359,16 +477,53 @@ class Trainer:
                                             masked_latents=self.encoders.masked_latents(batch.image, batch.mask))
 
     # ------------------------------------------------------------------ one optimizer step
-    def optimizer_step(self) -> float | None:
-        """Clip, step and zero the gradients inside ``accelerator.accumulate``; returns the grad norm on a sync."""
+    def optimizer_step(self, loss: torch.Tensor) -> float | None:
+        """Clip, step and zero the gradients inside ``accelerator.accumulate``; returns the grad norm on a sync.
+
+        ``loss`` is this micro-batch's (already backpropagated) loss. On a sync the :class:`StepGuard`
+        may skip the step: the gradients are dropped and neither the weights nor the optimizer state change;
+        :attr:`step_skipped` tells :meth:`after_optimizer_step`, which then leaves LR, EMA and step count alone.
+        """
         acc, cfg = self.accelerator, self.cfg
-        grad_norm = None
-        if acc.sync_gradients:
-            limit = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
-            grad_norm = float(acc.clip_grad_norm_(self.adapter.parameters(), limit))
-        self.optimizer.step()
+        self._loss_finite = self._loss_finite and bool(torch.isfinite(loss.detach()).all())
+        if not acc.sync_gradients:
+            self.optimizer.step()  # accelerate's wrapper does nothing until the sync
+            return None
+        limit = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
+        grad_norm = float(acc.clip_grad_norm_(self.adapter.parameters(), limit))
+        # every process decides alike: the norm is of the reduced gradients, the loss flag is gathered
+        finite = bool(acc.gather(torch.tensor([float(self._loss_finite)], device=acc.device)).min() > 0)
+        self._loss_finite = True
+        reason = self.guard.reason(grad_norm, finite)
+        self.step_skipped = reason is not None
+        self.guard.record(grad_norm, self.step_skipped)
+        if self.step_skipped:
+            self._skip_reason = reason
+        else:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)  # DDP points a re-created gradient at its bucket again
         return grad_norm
+
+    def start_rl_optimizer(self) -> None:
+        """At RL start (not on resume): a fresh optimizer state — the supervised phase's Adam moments
+        (beta2 = 0.999 remembers ~1000 steps of its gradient scale) would mis-scale the first RL updates — and
+        the RL learning rate, weight decay and schedule."""
+        self.optimizer.state.clear()
+        self.lr_scheduler.start_rl(self.global_step)
+
+    def _report_skip(self) -> None:
+        """Log a skipped step; stop the run after ``--max_consecutive_skips`` of them in a row."""
+        guard, cfg = self.guard, self.cfg
+        self.monitor.line(f"warning: skipped the optimizer step after global_step {self.global_step}: "
+                          f"{self._skip_reason} ({guard.consecutive} in a row, {guard.skipped} in all)")
+        self.log({"train/skipped_steps": float(guard.skipped)})
+        if guard.consecutive >= cfg.max_consecutive_skips:
+            newest = ckpt.latest_checkpoint(cfg.output_dir)
+            kept = f"the newest checkpoint {newest} is intact" if newest else "no checkpoint was written yet"
+            raise RunStopped(f"{guard.consecutive} optimizer steps in a row were skipped at global_step "
+                             f"{self.global_step} (last: {self._skip_reason}); the run diverged and stops here. "
+                             f"{kept}: lower --learning_rate / --rl_learning_rate (or raise --max_grad_norm_skip) "
+                             f"and continue with --resume_from_checkpoint latest", exit_code=4)
 
     def after_optimizer_step(self, metrics: dict[str, float], progress: dict | None = None,
                              checkpoint_now: bool = True) -> None:
@@ -378,10 +533,15 @@ class Trainer:
         epoch, the only point from which a run can be resumed exactly.
         """
         cfg = self.cfg
+        if self.step_skipped:
+            self.step_skipped = False
+            self._report_skip()
+            return
         self.global_step += 1
         self.lr_scheduler.step()
         metrics = dict(metrics)
         metrics["train/lr"] = self.lr_scheduler.get_last_lr()[0]
+        metrics["train/skipped_steps"] = float(self.guard.skipped)
         if self.ema is not None:
             decay = self.ema.step(self.global_step)
             if decay is not None:
@@ -398,6 +558,10 @@ class Trainer:
     def log(self, metrics: dict[str, float]) -> None:
         self.history.append((self.global_step, dict(metrics)))
         self.monitor.log(self.global_step, metrics)
+
+    def request_checkpoint(self) -> None:
+        """Have the next :meth:`maybe_checkpoint` write one (e.g. at a new best held-out reward)."""
+        self._checkpoint_due = True
 
     def maybe_checkpoint(self) -> Path | None:
         if not self._checkpoint_due:
@@ -441,7 +605,8 @@ class Trainer:
     def save(self) -> Path:
         state = {"global_step": self.global_step, "epoch": self.epoch, "position": self.position,
                  "global_batch": self.global_batch, "num_processes": self.accelerator.num_processes,
-                 "phase": "rl" if self.rl.start_step is not None else "supervised", "rl_epoch": self.rl.epoch}
+                 "phase": "rl" if self.rl.start_step is not None else "supervised", "rl_epoch": self.rl.epoch,
+                 "step_guard": self.guard.state_dict()}
         path = ckpt.save_checkpoint(self.accelerator, self.cfg.output_dir, self.global_step, self.adapter, state,
                                     ema=self.ema, total_limit=self.cfg.checkpoints_total_limit,
                                     config=self.cfg.to_dict())

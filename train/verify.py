@@ -173,7 +173,8 @@ class _FlagError(ValueError):
 
 def training_config(argv: list[str]):
     """``(TrainConfig, flags neither training nor this script knows)`` from the planned run's arguments."""
-    from train.config import TrainConfig, build_parser as training_parser
+    from train.config import TrainConfig, resolve_defaults
+    from train.config import build_parser as training_parser
 
     parser = training_parser()
     parser.allow_abbrev = False  # "--ema" (ours) must not be read as training's --ema_decay
@@ -184,8 +185,7 @@ def training_config(argv: list[str]):
     parser.error = error  # a row in the table rather than argparse's exit
     ns, extra = parser.parse_known_args(argv)
     cfg = TrainConfig(**vars(ns))
-    if cfg.rl_kl_beta is None:
-        cfg.rl_kl_beta = 0.1 if cfg.rl_method == "grpo" else 0.01
+    resolve_defaults(cfg)
     return cfg, extra
 
 

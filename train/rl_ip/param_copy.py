@@ -13,6 +13,18 @@ import torch
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def copy_dtypes(cfg) -> dict[str, torch.dtype]:
+    """Storage dtype of the RL reference (``"ref"``) and NFT old (``"old"``) copies.
+
+    The reference never moves: ``--rl_copy_dtype``. An old copy that decays (``--nft_decay_type`` 1 or 2)
+    is float32 whatever that flag says: ``old <- round(d·old + (1 − d)·θ)`` in bf16 has a dead band — once
+    (1 − d)|θ − old| is below half a bf16 ulp, old never moves again. With type 0 (d = 0) the copy is θ
+    rounded once, so ``--rl_copy_dtype`` applies.
+    """
+    stored = DTYPES[cfg.rl_copy_dtype]
+    return {"ref": stored, "old": torch.float32 if cfg.nft_decay_type != 0 else stored}
+
+
 def _named_tensors(source) -> dict[str, torch.Tensor]:
     """A module (unwrapped from DDP), a dict or ``(name, tensor)`` pairs -> ``{name: tensor}``."""
     if isinstance(source, torch.nn.Module):

@@ -28,7 +28,7 @@ SDE_TYPES = ("sde", "cps")
 _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
 
-def _per_sample(value, batch: int, name: str) -> torch.Tensor:
+def per_sample_values(value, batch: int, name: str) -> torch.Tensor:
     """A python float, 0-dim or ``[B]`` tensor -> float64 CPU tensor ``[B]``."""
     # A python float stays float64 here (torch.as_tensor alone would round it to float32 first).
     t = value.detach() if isinstance(value, torch.Tensor) else torch.as_tensor(value, dtype=torch.float64)
@@ -63,6 +63,7 @@ def sde_step_with_logprob(
     generator=None,
     sde_type: str = "sde",
     sigma_max: float | None = None,
+    token_weights: torch.Tensor | None = None,
 ):
     """One denoising step from σ to σ' that draws (or re-scores) x' and returns its log-probability.
 
@@ -76,6 +77,10 @@ def sde_step_with_logprob(
         generator: a ``torch.Generator`` for the whole batch, a list of B generators (one per sample) or None.
         sde_type: ``"sde"`` or ``"cps"`` (module docstring).
         sigma_max: σ_1 of the schedule, used in the ``"sde"`` std where σ = 1 (needed only when a > 0).
+        token_weights: optional ``[B, L]`` weights of the tokens of ``[B, L, C]`` latents in the log-probability:
+            the squared error is then averaged over channels and weighted over tokens (the trainers pass 1 on the
+            source region, 0 on the in-context reference strip, which is cropped off before scoring). None = the
+            plain mean over every non-batch element.
 
     Returns:
         ``(prev_sample [B, ...], log_prob [B], prev_sample_mean [B, ...], std_dev_t [B])``, all float32.
@@ -91,8 +96,8 @@ def sde_step_with_logprob(
     if velocity.shape != sample.shape:
         raise ValueError(f"velocity {tuple(velocity.shape)} and sample {tuple(sample.shape)} differ in shape")
     batch = sample.shape[0]
-    sig = _per_sample(sigma, batch, "sigma")
-    sig_next = _per_sample(sigma_next, batch, "sigma_next")
+    sig = per_sample_values(sigma, batch, "sigma")
+    sig_next = per_sample_values(sigma_next, batch, "sigma_next")
     if not bool(((sig > 0) & (sig <= 1)).all()):
         raise ValueError(f"sigma must lie in (0, 1], got {sig.tolist()}")
     if not bool(((sig_next >= 0) & (sig_next <= sig)).all()):
@@ -146,14 +151,29 @@ def sde_step_with_logprob(
     # log N(x'; mean, s²) = −(x' − mean)²/(2s²) − log s − log sqrt(2π); the constant terms leave the element mean.
     # Where s = 0 a stand-in std of 1 keeps the masked branch (and its gradient) finite.
     safe_std = torch.where(has_density, step_std, torch.ones_like(step_std))
-    sq = ((prev_sample.detach() - mean) ** 2).mean(dim=tuple(range(1, sample.ndim)))
+    sq = token_mean((prev_sample.detach() - mean) ** 2, token_weights)
     log_prob = -sq / per_sample(2 * safe_std**2) - per_sample(torch.log(safe_std) + _LOG_SQRT_2PI)
     log_prob = torch.where(has_density.to(sample.device), log_prob, torch.zeros_like(log_prob))
     return prev_sample, log_prob, mean, per_sample(std_t)
 
 
-def check_sde_window(num_steps: int, window_size: int, window_range: tuple[int, int] | None) -> list[str]:
-    """Problems with an SDE window setting, one message per problem (empty when valid)."""
+def token_mean(x: torch.Tensor, token_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """``[B, ...]`` -> ``[B]``: the mean over every non-batch element, or with ``token_weights [B, L]`` (for
+    ``[B, L, C]``) the token-weighted mean of the per-token channel means, sum_l w_l·x̄_l / sum_l w_l."""
+    if token_weights is None:
+        return x.mean(dim=tuple(range(1, x.ndim)))
+    if x.ndim < 2 or token_weights.shape != x.shape[:2]:
+        raise ValueError(f"token_weights {tuple(token_weights.shape)} must be [B, L] of latents {tuple(x.shape)}")
+    w = token_weights.to(x.device, torch.float32)
+    per_token = x.mean(dim=tuple(range(2, x.ndim))) if x.ndim > 2 else x
+    return (per_token * w).sum(1) / w.sum(1).clamp_min(1e-8)
+
+
+def check_sde_window(num_steps: int, window_size: int, window_range: tuple[int, int] | None,
+                     default_range: tuple[int, int] | None = None) -> list[str]:
+    """Problems with an SDE window setting, one message per problem (empty when valid).
+
+    ``default_range`` is the range used when ``window_range`` is None (``(0, num_steps − 1)`` if None too)."""
     if num_steps < 2:
         return [f"--rl_num_inference_steps must be >= 2 (the last step is never stochastic), got {num_steps}"]
     if window_size < 0:
@@ -166,7 +186,7 @@ def check_sde_window(num_steps: int, window_size: int, window_range: tuple[int, 
             ]
         return []
     if window_range is None:
-        window_range = (0, num_steps - 1)
+        window_range = default_range or (0, num_steps - 1)
     if len(window_range) != 2:
         return [f"--rl_sde_window_range must be two step indices lo,hi, got {tuple(window_range)}"]
     lo, hi = window_range
@@ -180,19 +200,21 @@ def check_sde_window(num_steps: int, window_size: int, window_range: tuple[int, 
     return []
 
 
-def sde_window(num_steps: int, window_size: int, window_range: tuple[int, int] | None, generator) -> tuple[int, int]:
+def sde_window(num_steps: int, window_size: int, window_range: tuple[int, int] | None, generator,
+               default_range: tuple[int, int] | None = None) -> tuple[int, int]:
     """Step indices ``[start, end)`` that sample stochastically (flow_grpo's "Fast" mode); the others use a = 0.
 
-    ``window_size`` 0 gives ``(0, num_steps − 1)``: every step but the last. Otherwise ``start`` is drawn
-    uniformly (with the torch ``generator``) so that the window of ``window_size`` steps lies inside
-    ``window_range = (lo, hi)``, by default ``(0, num_steps − 1)``.
+    ``window_size`` 0 gives ``default_range``, by default ``(0, num_steps − 1)``: every step but the last.
+    Otherwise ``start`` is drawn uniformly (with the torch ``generator``) so that the window of ``window_size``
+    steps lies inside ``window_range = (lo, hi)``, by default ``default_range``.
     """
-    problems = check_sde_window(num_steps, window_size, window_range)
+    problems = check_sde_window(num_steps, window_size, window_range, default_range)
     if problems:
         raise ValueError("; ".join(problems))
+    full = default_range or (0, num_steps - 1)
     if window_size == 0:
-        return 0, num_steps - 1
-    lo, hi = window_range if window_range is not None else (0, num_steps - 1)
+        return full
+    lo, hi = window_range if window_range is not None else full
     start = int(torch.randint(lo, hi - window_size + 1, (1,), generator=generator, device=_device(generator)).item())
     return start, start + window_size
 

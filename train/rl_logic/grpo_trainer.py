@@ -19,12 +19,12 @@ import time
 
 import torch
 
-from ..config import sde_window_range
+from ..config import default_window_range, sde_window_range
 from ..models.calligrapher import FillConditioning
-from ..rl_ip.grpo_utils import grpo_loss
+from ..rl_ip.grpo_utils import grpo_guard_terms, grpo_loss
 from ..rl_ip.sampling import choose_train_steps, sde_step_with_logprob, sde_window
-from .rollout import (collect_rewards, decode, end_of_epoch, image_generators, keyed_generator, reward_items,
-                      rollout_batch, sample_trajectory, start_rl, step_metrics)
+from .rollout import (RolloutBatch, collect_rewards, decode, end_of_epoch, image_generators, keyed_generator,
+                      reward_items, rollout_batch, sample_trajectory, start_rl, step_metrics)
 
 GRPO_METRICS = ("loss", "policy_loss", "kl", "approx_kl", "clipfrac", "ratio_mean")  # averaged per optimizer step
 
@@ -43,13 +43,15 @@ def train_grpo(trainer, end: int) -> None:
                 cond = trainer.condition(batch, cfg.rl_guidance_scale)
                 sigmas = trainer.model.sigmas(cfg.rl_num_inference_steps, cond.cond_latents.shape[1])
                 lo, hi = sde_window(cfg.rl_num_inference_steps, cfg.rl_sde_window_size, sde_window_range(cfg),
-                                    keyed_generator(cfg.seed, 17, epoch, b))
+                                    keyed_generator(cfg.seed, 17, epoch, b), default_range=default_window_range(cfg))
+                tokens = trainer.source_tokens(batch).to(cond.cond_latents.device)
                 traj = sample_trajectory(trainer, cond, image_generators(cfg, epoch, b, image_keys), sigmas,
                                          stochastic=range(lo, hi), noise_level=cfg.rl_noise_level,
-                                         sde_type=cfg.rl_sde_type)
+                                         sde_type=cfg.rl_sde_type, token_weights=tokens, keep_means=cfg.rl_grpo_guard)
                 items = reward_items(batch, decode(trainer, traj.final, cond), f"e{epoch}b{b}", image_keys)
                 futures.append((ctx.reward_fn.submit(items), items))
-                batches.append((cond, traj, sigmas, [b * trainer.global_batch + j for j in image_keys]))
+                batches.append(RolloutBatch(cond, sigmas, [b * trainer.global_batch + j for j in image_keys], tokens,
+                                            traj))
                 group_keys.append(keys)
             ctx.timings["rollout_s"] = time.perf_counter() - t0
             # ---------------------------------------------------------------- reward + advantage
@@ -68,15 +70,18 @@ def train_grpo(trainer, end: int) -> None:
 def grpo_update(trainer, ctx, batches, rewards, end: int) -> dict[str, float]:
     """Inner epochs over this rank's rollouts of one RL epoch; returns the last optimizer step's metrics."""
     cfg, acc, rl = trainer.cfg, trainer.accelerator, trainer.rl
-    cond = FillConditioning.cat([c for c, _, _, _ in batches])
-    latents = torch.cat([t.latents for _, t, _, _ in batches])
-    next_latents = torch.cat([t.next_latents for _, t, _, _ in batches])
-    old_log_probs = torch.cat([t.log_probs for _, t, _, _ in batches])
+    cond = FillConditioning.cat([rb.cond for rb in batches])
+    tokens = torch.cat([rb.tokens for rb in batches])  # [N, L]
+    latents = torch.cat([rb.traj.latents for rb in batches])  # [N, S, L, C]
+    next_latents = torch.cat([rb.traj.next_latents for rb in batches])
+    old_log_probs = torch.cat([rb.traj.log_probs for rb in batches])  # [N, S]
+    old_means = torch.cat([rb.traj.means for rb in batches]) if cfg.rl_grpo_guard else None  # [N, S, L, C]
     # the sigma of stored step s of each sample (windows may differ between batches)
-    step_sigmas = torch.cat([s[t.steps].expand(len(t.final), -1) for _, t, s, _ in batches])
-    next_sigmas = torch.cat([s[[i + 1 for i in t.steps]].expand(len(t.final), -1) for _, t, s, _ in batches])
-    sigma_max = float(batches[0][2][1])
-    image_ids = [j for _, _, _, ids in batches for j in ids]
+    step_sigmas = torch.cat([rb.sigmas[rb.traj.steps].expand(len(rb.traj.final), -1) for rb in batches])
+    next_sigmas = torch.cat([rb.sigmas[[i + 1 for i in rb.traj.steps]].expand(len(rb.traj.final), -1)
+                             for rb in batches])
+    sigma_max = float(batches[0].sigmas[1])
+    image_ids = [j for rb in batches for j in rb.image_ids]
     n, stored = latents.shape[0], latents.shape[1]
     # A failed reward has no advantage (0: no policy gradient; it was left out of every group statistic).
     # Its sample still takes part in the KL term, so every rank runs the same number of backwards.
@@ -98,6 +103,7 @@ def grpo_update(trainer, ctx, batches, rewards, end: int) -> dict[str, float]:
         for start in range(0, len(order), micro):
             idx = order[start:start + micro]
             sub = cond.select(idx)
+            sub_tokens = tokens[idx]
             adv = rewards.advantages[idx].to(acc.device)
             for j in range(num_trained):
                 s = torch.tensor([chosen[i][j] for i in idx])
@@ -109,7 +115,7 @@ def grpo_update(trainer, ctx, batches, rewards, end: int) -> dict[str, float]:
                         v = trainer.model.velocity(x.to(trainer.model.dtype), sigma, sub, adapter=trainer.adapter)
                     _, log_prob, mean, std = sde_step_with_logprob(
                         v, sigma, sigma_next, x, cfg.rl_noise_level, prev_sample=x_next, sde_type=cfg.rl_sde_type,
-                        sigma_max=sigma_max)
+                        sigma_max=sigma_max, token_weights=sub_tokens)
                     ref_mean = None
                     if ref is not None:
                         with torch.no_grad(), acc.autocast():
@@ -117,11 +123,16 @@ def grpo_update(trainer, ctx, batches, rewards, end: int) -> dict[str, float]:
                         ref_mean = sde_step_with_logprob(v_ref, sigma, sigma_next, x, cfg.rl_noise_level,
                                                          prev_sample=x_next, sde_type=cfg.rl_sde_type,
                                                          sigma_max=sigma_max)[2]
+                    guard = None
+                    if old_means is not None:
+                        guard = grpo_guard_terms(mean, old_means[rows, s], x_next, std, sigma, sigma_next,
+                                                 token_weights=sub_tokens)
                     loss, info = grpo_loss(log_prob, old_log_probs[rows, s].to(acc.device), adv,
                                            cfg.rl_grpo_clip_range, cfg.rl_adv_clip_max, mean=mean, ref_mean=ref_mean,
-                                           std_dev_t=std, kl_beta=cfg.rl_kl_beta)
+                                           std_dev_t=std, kl_beta=cfg.rl_kl_beta, guard=guard,
+                                           token_weights=sub_tokens)
                     acc.backward(loss)
-                    grad_norm = trainer.optimizer_step()
+                    grad_norm = trainer.optimizer_step(loss)
                 infos.append({**info, "loss": loss.detach()})
                 if not acc.sync_gradients:
                     continue

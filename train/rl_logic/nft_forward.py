@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from ..rl_ip.sampling import token_mean
+
 ADV_MODES = ("normal", "positive_only", "negative_only", "one_only", "binary")
 DECAY_TYPES = (0, 1, 2)
 MIN_X0_WEIGHT = 1e-5
@@ -39,13 +41,10 @@ def nft_r(advantages: torch.Tensor, adv_mode: str, adv_clip_max: float) -> torch
     return (a / adv_clip_max / 2 + 0.5).clamp(0.0, 1.0)
 
 
-def _per_sample_mean(x: torch.Tensor) -> torch.Tensor:
-    return x.mean(dim=tuple(range(1, x.dim()))) if x.dim() > 1 else x
-
-
 def nft_loss(x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, v_theta: torch.Tensor, v_old: torch.Tensor,
              v_ref: torch.Tensor, advantages: torch.Tensor, beta: float, adv_mode: str, adv_clip_max: float,
-             kl_beta: float, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+             kl_beta: float, valid: torch.Tensor | None = None,
+             token_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """DiffusionNFT loss of one micro-batch at one timestep per sample.
 
     Args:
@@ -55,6 +54,9 @@ def nft_loss(x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, v_theta: torc
         advantages: [B]. beta: ``--nft_beta`` in (0, 1]. kl_beta: ``--rl_kl_beta``.
         valid: optional [B] bool; a sample whose reward failed (False) adds nothing to the policy term
             (its r = 0.5 would still pull v_θ once it differs from v_old). The mean stays over all B.
+        token_weights: optional [B, L] weights of the tokens of [B, L, C] inputs; every "mean" over a sample's
+            elements below is then the token-weighted mean of per-token channel means (the trainer passes 0 on
+            the in-context reference strip, which is no target). None = the plain element mean.
 
     Returns ``(loss, info)``: loss is a 0-dim float32 tensor, ``policy + kl_beta·KL`` with
     policy = mean_b (r·L⁺ + (1 − r)·L⁻) / β · adv_clip_max, L± = mean((x̂0± − x0)²) / w±,
@@ -85,18 +87,18 @@ def nft_loss(x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, v_theta: torc
 
     def weighted_x0_error(v_pm: torch.Tensor) -> torch.Tensor:
         err = x_t - t * v_pm - x0
-        w = _per_sample_mean(err.detach().abs()).clamp(min=MIN_X0_WEIGHT)
-        return _per_sample_mean(err**2) / w
+        w = token_mean(err.detach().abs(), token_weights).clamp(min=MIN_X0_WEIGHT)
+        return token_mean(err**2, token_weights) / w
 
     loss_pos, loss_neg = weighted_x0_error(v_pos), weighted_x0_error(v_neg)
     per_sample = (r * loss_pos + (1 - r) * loss_neg) / beta * adv_clip_max
     if valid is not None:
         per_sample = per_sample * valid.to(per_sample.device, per_sample.dtype)
     policy = per_sample.mean()
-    kl = ((v - v_ref) ** 2).mean()
+    kl = token_mean((v - v_ref) ** 2, token_weights).mean()
     loss = policy + kl_beta * kl
     info = {
-        "policy_loss": policy, "kl": kl, "old_deviate": ((v - v_old) ** 2).mean(),
+        "policy_loss": policy, "kl": kl, "old_deviate": token_mean((v - v_old) ** 2, token_weights).mean(),
         "r_mean": r.mean(), "r_min": r.min(), "r_max": r.max(),
         "loss_pos": loss_pos.mean(), "loss_neg": loss_neg.mean(),
     }

@@ -26,8 +26,8 @@ from ..flow_matching import interpolate
 from ..models.calligrapher import FillConditioning
 from ..rl_ip.sampling import nft_train_steps
 from .nft_forward import nft_decay, nft_loss
-from .rollout import (collect_rewards, decode, end_of_epoch, image_generators, keyed_generator, reward_items,
-                      rollout_batch, sample_trajectory, start_rl, step_metrics)
+from .rollout import (RolloutBatch, collect_rewards, decode, end_of_epoch, image_generators, keyed_generator,
+                      reward_items, rollout_batch, sample_trajectory, start_rl, step_metrics)
 
 NFT_METRICS = ("loss", "policy_loss", "kl", "old_deviate", "r_mean", "loss_pos", "loss_neg")  # averaged per optimizer step
 
@@ -50,7 +50,8 @@ def train_nft(trainer, end: int) -> None:
                                          params=old)
                 items = reward_items(batch, decode(trainer, traj.final, cond), f"e{epoch}b{b}", image_keys)
                 futures.append((ctx.reward_fn.submit(items), items))
-                batches.append((cond, traj.final, sigmas, [b * trainer.global_batch + j for j in image_keys]))
+                batches.append(RolloutBatch(cond, sigmas, [b * trainer.global_batch + j for j in image_keys],
+                                            trainer.source_tokens(batch).to(cond.cond_latents.device), traj))
                 group_keys.append(keys)
             ctx.timings["rollout_s"] = time.perf_counter() - t0
             # ---------------------------------------------------------------- reward + advantage
@@ -73,10 +74,11 @@ def train_nft(trainer, end: int) -> None:
 def nft_update(trainer, batches, rewards, end: int) -> dict[str, float]:
     """Inner epochs over this rank's rollouts of one RL epoch; returns the last optimizer step's metrics."""
     cfg, acc, rl, model = trainer.cfg, trainer.accelerator, trainer.rl, trainer.model
-    cond = FillConditioning.cat([c for c, _, _, _ in batches])
-    x0_all = torch.cat([x for _, x, _, _ in batches])
-    sigmas = batches[0][2][:-1]  # the sampler's noise levels (all batches share one canvas size)
-    image_ids = [j for _, _, _, ids in batches for j in ids]
+    cond = FillConditioning.cat([rb.cond for rb in batches])
+    x0_all = torch.cat([rb.traj.final for rb in batches])  # [N, L, C] float32
+    tokens = torch.cat([rb.tokens for rb in batches])  # [N, L]
+    sigmas = batches[0].sigmas[:-1]  # the sampler's noise levels (all batches share one canvas size)
+    image_ids = [j for rb in batches for j in rb.image_ids]
     old, ref = rl.old.params(acc.device), rl.ref.params(acc.device) if rl.ref is not None else None
     n, num_levels = x0_all.shape[0], len(sigmas)
     num_trained = len(nft_train_steps(num_levels, cfg.rl_timestep_fraction, torch.Generator()))
@@ -101,17 +103,19 @@ def nft_update(trainer, batches, rewards, end: int) -> dict[str, float]:
             for j in range(num_trained):
                 t = sigmas[[levels[i][j] for i in idx]].to(acc.device)
                 noise = torch.stack([torch.randn(x0.shape[1:], generator=gens[i]) for i in idx]).to(x0.device)
-                x_t = interpolate(x0, noise, t).to(model.dtype)
+                x_t = interpolate(x0, noise, t)  # float32: x̂0 = x_t − t·v is formed from it in the loss
+                x_in = x_t.to(model.dtype)  # only the model input is rounded
                 with acc.accumulate(trainer.adapter):
                     with acc.autocast():
-                        v_theta = model.velocity(x_t, t, sub, adapter=trainer.adapter)
+                        v_theta = model.velocity(x_in, t, sub, adapter=trainer.adapter)
                         with torch.no_grad():
-                            v_old = model.velocity(x_t, t, sub, params=old)
-                            v_ref = model.velocity(x_t, t, sub, params=ref) if ref is not None else v_old
+                            v_old = model.velocity(x_in, t, sub, params=old)
+                            v_ref = model.velocity(x_in, t, sub, params=ref) if ref is not None else v_old
                     loss, info = nft_loss(x0, x_t, t, v_theta, v_old, v_ref, adv, cfg.nft_beta, cfg.nft_adv_mode,
-                                          cfg.rl_adv_clip_max, cfg.rl_kl_beta if ref is not None else 0.0, valid=valid)
+                                          cfg.rl_adv_clip_max, cfg.rl_kl_beta if ref is not None else 0.0, valid=valid,
+                                          token_weights=tokens[idx])
                     acc.backward(loss)
-                    grad_norm = trainer.optimizer_step()
+                    grad_norm = trainer.optimizer_step(loss)
                 infos.append({**info, "loss": loss.detach()})
                 if not acc.sync_gradients:
                     continue

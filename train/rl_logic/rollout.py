@@ -17,16 +17,18 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from ..checkpointing import BEST_FILE
 from ..data.preprocess import collate_samples, tensor_to_pil
 from ..models.calligrapher import FillConditioning
 from ..rewards.base import RewardItem, parse_reward_weights
-from ..rl_ip.param_copy import DTYPES, ParamCopy
+from ..rl_ip.param_copy import ParamCopy, copy_dtypes
 from ..rl_ip.reward import RewardError, build_reward_fn
 from ..rl_ip.sampling import sde_step_with_logprob
 from ..rl_ip.stat_tracking import compute_advantages
@@ -63,14 +65,15 @@ class RLContext:
 def start_rl(trainer, with_old: bool) -> RLContext:
     """Begin (or resume) the RL phase: reference/old copies, reward functions, the RL-start evaluation."""
     cfg, acc, rl = trainer.cfg, trainer.accelerator, trainer.rl
-    dtype = DTYPES[cfg.rl_copy_dtype]
+    dtypes = copy_dtypes(cfg)
     fresh = rl.start_step is None
     if fresh:
         rl.start_step = trainer.global_step
+        trainer.start_rl_optimizer()
     if rl.ref is None and cfg.rl_kl_beta > 0:
-        rl.ref = ParamCopy(trainer.adapter, dtype)
+        rl.ref = ParamCopy(trainer.adapter, dtypes["ref"])
     if with_old and rl.old is None:
-        rl.old = ParamCopy(trainer.adapter, dtype)
+        rl.old = ParamCopy(trainer.adapter, dtypes["old"])
     weights = parse_reward_weights(cfg.reward_weights)
     eval_weights = parse_reward_weights(cfg.rl_eval_reward_weights or cfg.reward_weights)
     common = dict(siglip_path=cfg.siglip_path, rank=acc.process_index, world_size=acc.num_processes)
@@ -84,8 +87,16 @@ def start_rl(trainer, with_old: bool) -> RLContext:
                          f"{trainer.global_step}, RL epoch {rl.epoch}: {ctx.groups_per_batch} groups x "
                          f"{cfg.rl_num_images_per_prompt} images per batch, {cfg.rl_num_batches_per_epoch} batches "
                          f"per epoch; rewards {'from ' + cfg.reward_server_url if cfg.reward_server_url else 'in-process'}")
+    trainer.monitor.line(f"RL rollouts and held-out evaluation at guidance {cfg.rl_guidance_scale:g} (supervised "
+                         f"training: --guidance_scale {cfg.guidance_scale:g}); "
+                         + ("a fresh optimizer" if fresh else "the checkpoint's RL optimizer")
+                         + f" at --rl_learning_rate {cfg.rl_learning_rate:g}, weight decay "
+                         f"{cfg.rl_adam_weight_decay:g}, a {cfg.lr_scheduler} schedule from RL start")
     if fresh:
-        evaluate_heldout(trainer, ctx)
+        out = evaluate_heldout(trainer, ctx)
+        if out is not None and watch_heldout(trainer)[0]:
+            trainer.request_checkpoint()
+            write_best(trainer, trainer.maybe_checkpoint(), out)
     return ctx
 
 
@@ -120,37 +131,53 @@ class Trajectory:
     latents: torch.Tensor | None = None  # [B, S, L, C]
     next_latents: torch.Tensor | None = None
     log_probs: torch.Tensor | None = None  # [B, S]
+    means: torch.Tensor | None = None  # [B, S, L, C] the steps' means (kept for GRPO-Guard only)
+
+
+@dataclass
+class RolloutBatch:
+    """What the update of an RL epoch needs of one rollout batch (this rank's B images)."""
+
+    cond: FillConditioning  # batch of B
+    sigmas: torch.Tensor  # [T + 1] the sampler's noise levels
+    image_ids: list[int]  # [B] global image index within the RL epoch (keys the update's random draws)
+    tokens: torch.Tensor  # [B, L] source-region weight of each token (0 on the reference strip)
+    traj: Trajectory  # GRPO: the stochastic steps; NFT: only ``final``
 
 
 @torch.no_grad()
 def sample_trajectory(trainer, cond: FillConditioning, generators: list[torch.Generator], sigmas: torch.Tensor,
                       stochastic: range | None = None, noise_level: float = 0.0, sde_type: str = "sde",
-                      params: dict | None = None) -> Trajectory:
+                      params: dict | None = None, token_weights: torch.Tensor | None = None,
+                      keep_means: bool = False) -> Trajectory:
     """Roll out from per-image noise. Steps in ``stochastic`` draw from the SDE and are recorded
-    (never the final step); every other step is the deterministic (Euler) case of the same function."""
+    (never the final step); every other step is the deterministic (Euler) case of the same function.
+    ``token_weights [B, L]`` weight the recorded log-probabilities' tokens (0 on the reference strip)."""
     model, acc = trainer.model, trainer.accelerator
     h, w = cond.latent_size
     shape = ((h // 2) * (w // 2), 64)
     x = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(model.device, torch.float32)
     num_steps = len(sigmas) - 1
     record = [i for i in (stochastic or ()) if i < num_steps - 1]
-    lat, nxt, logp = [], [], []
+    lat, nxt, logp, means = [], [], [], []
     for i in range(num_steps):
         with acc.autocast():
             v = model.velocity(x.to(model.dtype), sigmas[i], cond, adapter=trainer.adapter, params=params)
         noisy = i in record
-        x_next, log_prob, _, _ = sde_step_with_logprob(
+        x_next, log_prob, mean, _ = sde_step_with_logprob(
             v, sigmas[i], sigmas[i + 1], x, noise_level if noisy else 0.0, generator=generators if noisy else None,
-            sde_type=sde_type, sigma_max=float(sigmas[1]))
+            sde_type=sde_type, sigma_max=float(sigmas[1]), token_weights=token_weights if noisy else None)
         if noisy:
             lat.append(x)
             nxt.append(x_next)
             logp.append(log_prob)
+            if keep_means:
+                means.append(mean)
         x = x_next
     if not record:
         return Trajectory(final=x)
     return Trajectory(final=x, steps=record, latents=torch.stack(lat, 1), next_latents=torch.stack(nxt, 1),
-                      log_probs=torch.stack(logp, 1))
+                      log_probs=torch.stack(logp, 1), means=torch.stack(means, 1) if keep_means else None)
 
 
 def image_generators(cfg, rl_epoch: int, batch_index: int, image_keys: list[int]) -> list[torch.Generator]:
@@ -233,16 +260,38 @@ def collect_rewards(trainer, ctx: RLContext, futures: list, group_keys: list) ->
 
 # ---------------------------------------------------------------------- evaluation and images
 @torch.no_grad()
-def evaluate_heldout(trainer, ctx: RLContext) -> dict[str, float] | None:
+def evaluate_heldout(trainer, ctx: RLContext, train_reward: float = math.nan) -> dict[str, float] | None:
     """Deterministic samples of the held-out set (fixed noise per sample) scored with the eval weights.
 
-    Logged under ``eval/`` and appended to ``OUTPUT_DIR/eval_rewards.jsonl``; a reward that games
-    the training reward shows up here first.
+    The live adapter is logged under ``eval/``; with ``--use_ema`` the EMA weights (what users export) under
+    ``eval_ema/``. Both go to ``OUTPUT_DIR/eval_rewards.jsonl``, and the evaluation is recorded in the RL
+    state beside ``train_reward`` (the epoch's mean training reward) for :func:`watch_heldout`.
     """
     cfg, acc, ds = trainer.cfg, trainer.accelerator, trainer.eval_dataset
     if ds is None or ctx.eval_reward_fn is None:
         return None
     t0 = time.perf_counter()
+    out = _evaluate_weights(trainer, ctx, "eval", None)
+    if trainer.ema is not None:
+        out.update(_evaluate_weights(trainer, ctx, "eval_ema", trainer.ema.copy.params(acc.device)))
+    out["timing/eval_s"] = time.perf_counter() - t0
+    trainer.log(out)
+    trainer.rl.evals.append([trainer.rl.epoch, out[heldout_metric(trainer)], train_reward])
+    if acc.is_main_process:
+        line = {"global_step": trainer.global_step, "rl_epoch": trainer.rl.epoch, **out}
+        with (Path(cfg.output_dir) / "eval_rewards.jsonl").open("a", encoding="utf-8") as f:
+            f.write(json.dumps(line) + "\n")
+    return out
+
+
+def heldout_metric(trainer) -> str:
+    """The held-out figure the best checkpoint and the divergence alarm follow: the EMA's when there is one."""
+    return "eval_ema/reward_mean" if trainer.ema is not None else "eval/reward_mean"
+
+
+def _evaluate_weights(trainer, ctx: RLContext, prefix: str, params: dict | None) -> dict[str, float]:
+    """Held-out figures ``{prefix}/…`` of one set of adapter weights (None = the live adapter)."""
+    cfg, acc, ds = trainer.cfg, trainer.accelerator, trainer.eval_dataset
     steps = cfg.rl_eval_num_inference_steps or cfg.rl_num_inference_steps
     mine = list(range(acc.process_index, len(ds), acc.num_processes))
     results, shown = [], []
@@ -251,8 +300,9 @@ def evaluate_heldout(trainer, ctx: RLContext) -> dict[str, float] | None:
         batch = collate_samples([ds[i] for i in idx])
         cond = trainer.condition(batch, cfg.rl_guidance_scale)
         sigmas = trainer.model.sigmas(steps, cond.cond_latents.shape[1])
-        traj = sample_trajectory(trainer, cond, [keyed_generator(cfg.seed, 13, i) for i in idx], sigmas)
-        items = reward_items(batch, decode(trainer, traj.final, cond), "eval", idx)
+        traj = sample_trajectory(trainer, cond, [keyed_generator(cfg.seed, 13, i) for i in idx], sigmas,
+                                 params=params)
+        items = reward_items(batch, decode(trainer, traj.final, cond), prefix, idx)
         scored = ctx.eval_reward_fn(items)
         results.extend(scored)
         shown.extend(zip(items, scored))
@@ -260,20 +310,52 @@ def evaluate_heldout(trainer, ctx: RLContext) -> dict[str, float] | None:
 
     rows = gather_object([[r.reward if r.ok else None, dict(r.scores)] for r in results])
     rewards = [r for r, _ in rows if r is not None]
-    out = {"eval/reward_mean": sum(rewards) / len(rewards) if rewards else math.nan,
-           "eval/failed": float(len(rows) - len(rewards)), "timing/eval_s": time.perf_counter() - t0}
+    out = {f"{prefix}/reward_mean": sum(rewards) / len(rewards) if rewards else math.nan,
+           f"{prefix}/failed": float(len(rows) - len(rewards))}
     for name in ctx.eval_weights:
         vals = [s[name] for _, s in rows if name in s]
         if vals:
-            out[f"eval/{name}_mean"] = sum(vals) / len(vals)
-    trainer.log(out)
+            out[f"{prefix}/{name}_mean"] = sum(vals) / len(vals)
     if cfg.rl_image_log_every:
-        log_image_grid(trainer, shown, tag="eval")
-    if acc.is_main_process:
-        line = {"global_step": trainer.global_step, "rl_epoch": trainer.rl.epoch, **out}
-        with (Path(cfg.output_dir) / "eval_rewards.jsonl").open("a", encoding="utf-8") as f:
-            f.write(json.dumps(line) + "\n")
+        log_image_grid(trainer, shown, tag=prefix)
     return out
+
+
+def watch_heldout(trainer) -> tuple[bool, str | None]:
+    """Read the newest evaluation against the earlier ones: ``(new best, divergence warning or None)``.
+
+    New best: the held-out figure beats every earlier evaluation (the first, at RL start, is the first best:
+    where to fall back to when RL only made things worse). Divergence: the held-out figure fell at each of the last ``--rl_divergence_patience``
+    evaluations while the training reward rose over the same span — the policy games the training reward.
+    """
+    cfg, evals = trainer.cfg, trainer.rl.evals
+    epoch, value, train = evals[-1]
+    best = math.isfinite(value) and all(value > v for _, v, _ in evals[:-1] if math.isfinite(v))
+    p = cfg.rl_divergence_patience
+    if not p or len(evals) <= p:
+        return best, None
+    window = evals[-p - 1:]
+    fell = all(b[1] < a[1] for a, b in zip(window, window[1:]))
+    rose = window[-1][2] > window[0][2]  # False when either is NaN (the RL-start evaluation has no rollouts)
+    if not (fell and rose):
+        return best, None
+    return best, (f"the held-out {heldout_metric(trainer)} fell at each of the last {p} evaluations "
+                  f"({window[0][1]:.4f} -> {window[-1][1]:.4f}) while the training reward rose "
+                  f"({window[0][2]:.4f} -> {window[-1][2]:.4f}): the policy may be gaming the training reward")
+
+
+def write_best(trainer, path: Path, out: dict[str, float]) -> None:
+    """Record ``path`` as the best held-out checkpoint in ``OUTPUT_DIR/best.json`` (written atomically)."""
+    if not trainer.accelerator.is_main_process:
+        return
+    key = heldout_metric(trainer)
+    record = {"checkpoint": path.name, "global_step": trainer.global_step, "rl_epoch": trainer.rl.epoch,
+              "metric": key, "value": out[key], "eval": out}
+    target = Path(trainer.cfg.output_dir) / BEST_FILE
+    tmp = target.with_name(f".{BEST_FILE}.partial")
+    tmp.write_text(json.dumps(record, indent=2))
+    os.replace(tmp, target)
+    trainer.monitor.line(f"best held-out {key} so far ({out[key]:.4f}): {path.name}, recorded in {BEST_FILE}")
 
 
 def log_image_grid(trainer, pairs, tag: str = "rollouts", limit: int = 8) -> None:
@@ -304,19 +386,56 @@ def log_image_grid(trainer, pairs, tag: str = "rollouts", limit: int = 8) -> Non
     trainer.monitor.image(f"images/{tag}", grid, trainer.global_step)
 
 
+CLIP_IDLE_EPOCHS = 10  # GRPO epochs in a row with train/clipfrac 0 before the log says the clip never binds
+
+
 def end_of_epoch(trainer, ctx: RLContext, metrics: dict[str, float], rewards: EpochRewards) -> None:
-    """Count the epoch, log its figures, maybe evaluate / log images, then checkpoint if one is due."""
+    """Count the epoch, log its figures, maybe evaluate / log images, then checkpoint if one is due.
+
+    A new best held-out figure forces a checkpoint (named in ``best.json``, never pruned); the divergence
+    alarm warns and, with ``--rl_stop_on_divergence``, stops the run after that checkpoint.
+    """
     cfg, rl = trainer.cfg, trainer.rl
     rl.epoch += 1
     metrics = {**rewards.metrics, **metrics, "rl/epoch": rl.epoch,
                **{f"timing/{k}": v for k, v in ctx.timings.items()}}
+    _watch_clipfrac(trainer, metrics)
     trainer.log(metrics)
     if cfg.rl_image_log_every and rl.epoch % cfg.rl_image_log_every == 0:
         log_image_grid(trainer, rewards.items)
     last = trainer.global_step >= cfg.max_train_steps
+    best, warning, out = False, None, None
     if last or (cfg.rl_eval_every and rl.epoch % cfg.rl_eval_every == 0):
-        evaluate_heldout(trainer, ctx)
-    trainer.maybe_checkpoint()
+        out = evaluate_heldout(trainer, ctx, train_reward=rewards.metrics["reward/mean"])
+        if out is not None:
+            best, warning = watch_heldout(trainer)
+    if warning is not None:
+        trainer.monitor.line(f"warning: {warning}" + (" (--rl_stop_on_divergence: stopping)"
+                                                      if cfg.rl_stop_on_divergence else ""))
+        trainer.log({"eval/divergence": 1.0})
+    if best or (warning is not None and cfg.rl_stop_on_divergence):
+        trainer.request_checkpoint()
+    path = trainer.maybe_checkpoint()
+    if best and path is not None:
+        write_best(trainer, path, out)
+    if warning is not None and cfg.rl_stop_on_divergence:
+        from ..trainer import RunStopped
+
+        raise RunStopped(f"stopped on divergence at global_step {trainer.global_step}: {warning}. The best "
+                         f"held-out checkpoint is named in {Path(cfg.output_dir) / BEST_FILE}", exit_code=0)
+
+
+def _watch_clipfrac(trainer, metrics: dict[str, float]) -> None:
+    """Count GRPO epochs whose last step clipped nothing; say so once the clip has been idle for a while."""
+    if "train/clipfrac" not in metrics:
+        return
+    stats = trainer.rl.stats
+    stats["clip_idle_epochs"] = stats.get("clip_idle_epochs", 0) + 1 if metrics["train/clipfrac"] == 0 else 0
+    if stats["clip_idle_epochs"] == CLIP_IDLE_EPOCHS:
+        trainer.monitor.line(f"warning: train/clipfrac has been 0 for {CLIP_IDLE_EPOCHS} RL epochs: "
+                             f"--rl_grpo_clip_range {trainer.cfg.rl_grpo_clip_range:g} is no trust region at this "
+                             f"step size (train/approx_kl {metrics.get('train/approx_kl', math.nan):.2e}); try "
+                             "1e-4 for --rl_sde_type sde, 1e-5 for cps")
 
 
 def step_metrics(acc, infos: list[dict], names: tuple[str, ...], extremes: tuple[str, ...], grad_norm,

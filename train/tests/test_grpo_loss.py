@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from train.rl_ip.grpo_utils import grpo_loss
+from train.rl_ip.grpo_utils import GuardTerms, grpo_guard_terms, grpo_loss
 from train.rl_ip.sampling import sde_step_with_logprob
 
 EPS, ADV_MAX = 0.2, 5.0
@@ -154,3 +154,173 @@ def test_bad_inputs_raise():
     with pytest.raises(ValueError, match=r"must both be \[B, \.\.\.\]"):
         grpo_loss(log_prob, old, torch.ones(2), EPS, ADV_MAX, mean=torch.ones(2, 3), ref_mean=torch.ones(2, 4),
                   std_dev_t=1.0, kl_beta=0.1)
+
+
+# ---- GRPO-Guard: normalised log-ratio ℓ̂ = s·(Δlogp + ⟨Δμ²⟩/(2s²)), s = std_t·sqrt(σ − σ'), weight 1/(σ − σ') ----
+
+
+def _guard_by_hand_inputs():
+    """Two samples, two elements each, worked out by hand below."""
+    # sample 0: σ 0.5 -> 0.25, std_t 0.4, s = 0.4·0.5 = 0.2; sample 1: σ 0.9 -> 0.81, std_t 1, s = 0.3
+    old_mean = torch.tensor([[1.0, 2.0], [0.0, 0.0]], dtype=torch.float64)
+    mean = torch.tensor([[1.1, 1.8], [0.3, 0.3]], dtype=torch.float64)
+    prev = torch.tensor([[1.2, 2.2], [0.6, -0.3]], dtype=torch.float64)
+    return mean, old_mean, prev, torch.tensor([0.4, 1.0]), torch.tensor([0.5, 0.9]), torch.tensor([0.25, 0.81])
+
+
+def test_guard_terms_by_hand():
+    mean, old_mean, prev, std, sigma, sigma_next = _guard_by_hand_inputs()
+    mean = mean.float().requires_grad_(True)
+    terms = grpo_guard_terms(mean, old_mean.float(), prev.float(), std, sigma, sigma_next)
+    # sample 0: log p_θ = −mean(0.1², 0.4²)/(2·0.2²) = −1.0625, log p_old = −mean(0.2², 0.2²)/0.08 = −0.5,
+    #   Δ = −0.5625, ⟨Δμ²⟩/(2s²) = mean(0.01, 0.04)/0.08 = 0.3125, ℓ̂ = 0.2·(−0.25) = −0.05
+    # sample 1: both log-probs −mean(0.09, 0.36)/(2·0.09) = −1.25 (Δ = 0: the plain ratio is 1),
+    #   ⟨Δμ²⟩/(2s²) = 0.09/0.18 = 0.5, ℓ̂ = 0.3·0.5 = 0.15
+    assert isinstance(terms, GuardTerms)
+    assert terms.log_ratio.tolist() == pytest.approx([-0.05, 0.15], rel=1e-5)
+    assert terms.weight.tolist() == pytest.approx([1 / 0.25, 1 / 0.09], rel=1e-6)  # 1/(σ − σ')
+    assert terms.log_ratio.dtype == terms.weight.dtype == torch.float32 and not terms.weight.requires_grad
+    terms.log_ratio.sum().backward()
+    # ∂ℓ̂/∂μ_θ = (x' − μ_old)/(s·D): sample 0 (0.2, 0.2)/(0.2·2), sample 1 (0.6, −0.3)/(0.3·2)
+    assert mean.grad.flatten().tolist() == pytest.approx([0.5, 0.5, 1.0, -0.5], rel=1e-5)
+
+
+def test_guard_log_ratio_matches_eq8_from_float64_log_probs():
+    """The computed form ⟨Δμ·(x' − μ_old)⟩/s equals s·(Δlogp + ⟨Δμ²⟩/(2s²)) with float64 Gaussian log-probs."""
+    g = torch.Generator().manual_seed(3)
+    b, a = 3, 0.7
+    sigma, sigma_next = torch.tensor([0.95, 0.6, 0.2], dtype=torch.float64), torch.tensor([0.9, 0.5, 0.1],
+                                                                                             dtype=torch.float64)
+    std_t = a * torch.sqrt(sigma / (1 - sigma))
+    s = (std_t * torch.sqrt(sigma - sigma_next)).view(b, 1, 1)
+    old_mean = torch.randn(b, 6, 5, generator=g, dtype=torch.float64)
+    prev = old_mean + s * torch.randn(b, 6, 5, generator=g, dtype=torch.float64)
+    mean = old_mean + 0.05 * torch.randn(b, 6, 5, generator=g, dtype=torch.float64)
+
+    def log_density(mu):
+        return (-((prev - mu) ** 2).mean(dim=(1, 2)) / (2 * s.flatten() ** 2) - torch.log(s.flatten())
+                - 0.5 * math.log(2 * math.pi))
+
+    delta = log_density(mean) - log_density(old_mean)
+    expected = s.flatten() * (delta + ((mean - old_mean) ** 2).mean(dim=(1, 2)) / (2 * s.flatten() ** 2))
+    terms = grpo_guard_terms(mean.float(), old_mean.float(), prev.float(), std_t.float(), sigma, sigma_next)
+    assert terms.log_ratio.double().tolist() == pytest.approx(expected.tolist(), rel=1e-4, abs=1e-7)
+    assert terms.weight.double().tolist() == pytest.approx((1 / (sigma - sigma_next)).tolist(), rel=1e-6)
+    assert bool((expected.abs() > 1e-3).all())  # the case is not trivially 0
+
+
+def test_guard_token_weights_use_the_log_prob_average():
+    # [B=1, L=2, C=2]; the second token has weight 0, so only the first token's channels count
+    old_mean = torch.zeros(1, 2, 2)
+    mean = torch.tensor([[[0.1, 0.3], [5.0, 5.0]]])
+    prev = torch.tensor([[[1.0, 1.0], [-7.0, 9.0]]])
+    terms = grpo_guard_terms(mean, old_mean, prev, 1.0, 0.5, 0.25, token_weights=torch.tensor([[1.0, 0.0]]))
+    # s = 1·sqrt(0.25) = 0.5; ⟨Δμ·(x' − μ_old)⟩ = mean(0.1, 0.3) = 0.2 over the first token; ℓ̂ = 0.4
+    assert terms.log_ratio.tolist() == pytest.approx([0.4], rel=1e-6)
+
+
+def test_guard_ratio_is_exactly_one_on_policy():
+    g = torch.Generator().manual_seed(0)
+    x, v = torch.randn(4, 2, 8, 8, generator=g), torch.randn(4, 2, 8, 8, generator=g)
+    sigma, sigma_next = torch.tensor([0.9, 0.7, 0.5, 0.3]), torch.tensor([0.85, 0.6, 0.45, 0.1])
+    prev, old_lp, old_mean, _ = sde_step_with_logprob(v, sigma, sigma_next, x, 0.7, generator=g)
+    v_theta = v.clone().requires_grad_(True)
+    _, lp, mean, std_t = sde_step_with_logprob(v_theta, sigma, sigma_next, x, 0.7, prev_sample=prev.detach())
+    terms = grpo_guard_terms(mean, old_mean.detach(), prev.detach(), std_t, sigma, sigma_next)
+    assert torch.equal(torch.exp(terms.log_ratio), torch.ones(4))
+    adv = torch.tensor([1.0, -1.0, 0.5, 2.0])
+    loss, info = grpo_loss(lp, old_lp, adv, EPS, ADV_MAX, guard=terms)
+    assert info["ratio_min"].item() == info["ratio_max"].item() == 1.0 and info["clipfrac"].item() == 0.0
+    # policy = mean(w·(−A)) with w = 1/(σ − σ') = (20, 10, 20, 5)
+    assert loss.item() == pytest.approx((-20 * 1 + 10 * 1 - 20 * 0.5 - 5 * 2) / 4, rel=1e-5)
+    loss.backward()
+    assert v_theta.grad.abs().sum() > 0
+
+
+def test_grpo_loss_with_guard_by_hand():
+    log_ratio = torch.tensor([math.log(1.1), math.log(0.5)], requires_grad=True)
+    weight = torch.tensor([4.0, 2.0])
+    log_prob = torch.tensor([0.3, -0.2], requires_grad=True)
+    old = torch.tensor([0.1, -0.2])
+    loss, info = grpo_loss(log_prob, old, torch.tensor([1.0, -1.0]), EPS, ADV_MAX, guard=(log_ratio, weight))
+    # sample 0: ratio 1.1 inside the clip, −A·ratio = −1.1, ×4 = −4.4; sample 1: ratio 0.5, A = −1:
+    # max(0.5, 0.8) = 0.8 (clipped), ×2 = 1.6; policy = (−4.4 + 1.6)/2 = −1.4
+    assert loss.item() == pytest.approx(-1.4, rel=1e-6)
+    assert info["clipfrac"].item() == 0.5 and info["ratio_mean"].item() == pytest.approx(0.8, rel=1e-6)
+    assert info["raw_ratio_mean"].item() == pytest.approx((math.exp(0.2) + 1) / 2, rel=1e-6)
+    assert info["guard_weight_mean"].item() == 3.0
+    assert info["approx_kl"].item() == pytest.approx(0.5 * 0.2**2 / 2, rel=1e-5)  # from the raw log-probs
+    loss.backward()
+    # ∂/∂ℓ̂ = w·(−A·ratio)/B where unclipped, 0 where clipped: 4·(−1.1)/2 = −2.2, 0
+    assert log_ratio.grad.tolist() == pytest.approx([-2.2, 0.0], rel=1e-6)
+    assert log_prob.grad is None  # with the guard, the raw log-prob carries no policy gradient
+
+
+def test_guard_weight_scales_each_samples_gradient():
+    log_ratio = torch.tensor([0.05, -0.02, 0.1], requires_grad=True)
+    adv = torch.tensor([1.0, -2.0, 0.5])
+    weight = torch.tensor([3.0, 0.5, 7.0])
+    plain, _ = grpo_loss(torch.zeros(3), torch.zeros(3), adv, EPS, ADV_MAX, guard=(log_ratio, torch.ones(3)))
+    (g_plain,) = torch.autograd.grad(plain, log_ratio)
+    weighted, _ = grpo_loss(torch.zeros(3), torch.zeros(3), adv, EPS, ADV_MAX, guard=(log_ratio, weight))
+    (g_weighted,) = torch.autograd.grad(weighted, log_ratio)
+    assert g_weighted.tolist() == pytest.approx((weight * g_plain).tolist(), rel=1e-6)
+    assert g_plain.tolist() == pytest.approx((-adv * torch.exp(log_ratio.detach()) / 3).tolist(), rel=1e-6)
+
+
+def test_guard_weight_equalises_the_velocity_gradient_across_steps():
+    """With x' = μ_old + s·ε, ∂(w·ℓ̂)/∂v = −(1 + a²/2)·ε/D at every step: the weight cancels dt."""
+    g = torch.Generator().manual_seed(1)
+    a = 0.7
+    x, v = torch.randn(2, 3, 4, generator=g), torch.randn(2, 3, 4, generator=g)
+    eps = torch.randn(2, 3, 4, generator=g)
+    grads = []
+    for sigma, sigma_next in [(0.9, 0.8), (0.4, 0.1)]:
+        _, _, old_mean, std_t = sde_step_with_logprob(v, sigma, sigma_next, x, a)
+        prev = old_mean + (std_t * math.sqrt(sigma - sigma_next)).view(-1, 1, 1) * eps
+        v_theta = v.clone().requires_grad_(True)
+        mean = sde_step_with_logprob(v_theta, sigma, sigma_next, x, a, prev_sample=prev)[2]
+        terms = grpo_guard_terms(mean, old_mean, prev, std_t, sigma, sigma_next)
+        (grad,) = torch.autograd.grad((terms.weight * terms.log_ratio).sum(), v_theta, retain_graph=True)
+        assert grad.flatten().tolist() == pytest.approx((-(1 + a**2 / 2) * eps / 12).flatten().tolist(), rel=1e-4)
+        (unweighted,) = torch.autograd.grad(terms.log_ratio.sum(), v_theta)
+        grads.append(unweighted)
+    # without the weight the two steps' gradients differ by their dt ratio, 0.1 / 0.3
+    assert grads[0].flatten().tolist() == pytest.approx((grads[1] / 3).flatten().tolist(), rel=1e-4)
+
+
+def test_guard_with_unit_weight_and_plain_log_ratio_is_plain_grpo():
+    log_prob, old = _log_probs([1.1, 1.5, 0.5])
+    adv = torch.tensor([1.0, 2.0, -1.0])
+    plain, plain_info = grpo_loss(log_prob, old, adv, EPS, ADV_MAX)
+    guarded, info = grpo_loss(log_prob, old, adv, EPS, ADV_MAX, guard=(log_prob - old, torch.ones(3)))
+    assert torch.equal(plain, guarded)
+    assert all(torch.equal(plain_info[k], info[k]) for k in plain_info)
+    assert set(info) - set(plain_info) == {"raw_ratio_mean", "guard_weight_mean"}
+    for name, value in info.items():
+        assert value.ndim == 0 and not value.requires_grad and value.dtype == torch.float32, name
+
+
+def test_guard_bad_inputs_raise():
+    mean, old_mean, prev, std, sigma, sigma_next = (t.float() for t in _guard_by_hand_inputs())
+    with pytest.raises(ValueError, match="defined for sde_type 'sde'"):
+        grpo_guard_terms(mean, old_mean, prev, std, sigma, sigma_next, sde_type="cps")
+    with pytest.raises(ValueError, match=r"must all be the same \[B, \.\.\.\] shape"):
+        grpo_guard_terms(mean, old_mean[:, :1], prev, std, sigma, sigma_next)
+    with pytest.raises(ValueError, match=r"must all be the same \[B, \.\.\.\] shape"):
+        grpo_guard_terms(mean, old_mean, prev[:1], std, sigma, sigma_next)
+    with pytest.raises(ValueError, match="at least one non-batch dimension"):  # [B] means: nothing to average
+        grpo_guard_terms(mean[:, 0], old_mean[:, 0], prev[:, 0], std, sigma, sigma_next)
+    with pytest.raises(ValueError, match="0 < sigma_next < sigma <= 1"):  # dt = 0: no weight 1/(−dt)
+        grpo_guard_terms(mean, old_mean, prev, std, sigma, sigma)
+    with pytest.raises(ValueError, match="0 < sigma_next < sigma <= 1"):
+        grpo_guard_terms(mean, old_mean, prev, std, torch.tensor([0.5, 1.5]), sigma_next)
+    with pytest.raises(ValueError, match="stochastic step"):  # noise level 0: s = 0
+        grpo_guard_terms(mean, old_mean, prev, torch.tensor([0.4, 0.0]), sigma, sigma_next)
+    with pytest.raises(ValueError, match=r"sigma must be a float, a 0-dim tensor or a \[B=2\] tensor"):
+        grpo_guard_terms(mean, old_mean, prev, std, torch.tensor([0.5, 0.6, 0.7]), sigma_next)
+    log_prob, old = _log_probs([1.0, 1.0])
+    with pytest.raises(ValueError, match=r"guard log_ratio \(3,\) and weight \(2,\) must both be \[B=2\]"):
+        grpo_loss(log_prob, old, torch.ones(2), EPS, ADV_MAX, guard=(torch.zeros(3), torch.ones(2)))
+    with pytest.raises(ValueError, match=r"must both be \[B=2\]"):
+        grpo_loss(log_prob, old, torch.ones(2), EPS, ADV_MAX, guard=(torch.zeros(2), torch.ones(2, 1)))

@@ -28,7 +28,7 @@ def test_defaults_are_the_contract():
     cfg = parse_args(["--max_train_steps", "1"])
     assert (cfg.resolution, cfg.train_batch_size, cfg.learning_rate, cfg.checkpointing_steps) == (512, 1, 1e-4, 500)
     assert (cfg.max_grad_norm, cfg.num_tokens, cfg.ema_decay, cfg.rl_warmup_steps) == (1.0, 128, 0.9999, 1000)
-    assert (cfg.rl_method, cfg.rl_num_inference_steps, cfg.rl_guidance_scale, cfg.rl_adv_clip_max) == ("grpo", 50, 3.5, 5.0)
+    assert (cfg.rl_method, cfg.rl_num_inference_steps, cfg.rl_guidance_scale, cfg.rl_adv_clip_max) == ("grpo", 50, 30.0, 5.0)
     assert (cfg.rl_grpo_clip_range, cfg.rl_noise_level, cfg.nft_beta, cfg.nft_adv_mode) == (0.2, 0.7, 0.5, "normal")
     assert cfg.rl_kl_beta == 0.1 and parse_args(["--rl_method", "nft"]).rl_kl_beta == 0.01
     assert parse_args(["--rl_method", "nft", "--rl_kl_beta", "0.5"]).rl_kl_beta == 0.5
