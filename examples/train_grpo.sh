@@ -29,15 +29,19 @@ ARGS=(
   --train_data_json "$DATA" --output_dir "$OUT"
   --resolution 512 --mixed_precision bf16 --gradient_checkpointing --use_8bit_adam
   --max_train_steps "${MAX_STEPS:-$((WARMUP_STEPS + 2000))}" --learning_rate 1e-5
+  # RL starts with a fresh AdamW at its own learning rate and weight decay (flow_grpo's 1e-4)
+  --rl_learning_rate 1e-5 --rl_adam_weight_decay 1e-4
   --use_ema --ema_device cpu --ema_decay 0.995
   --use_rl --rl_method grpo --rl_warmup_steps "$WARMUP_STEPS"
   # 8 GPUs x 1 image = one group of 8 per batch; 8 batches (64 images) per RL epoch; 2 optimizer steps per epoch
   --train_batch_size 1 --rl_num_images_per_prompt 8 --rl_num_batches_per_epoch 8 --gradient_accumulation_steps 4
   --rl_per_prompt_stat_tracking --rl_adv_clip_max 5
-  # 16 sampler steps at the official guidance; a window of 4 stochastic (and trained) steps in the first half
-  --rl_num_inference_steps 16 --rl_guidance_scale 30 --rl_sde_window_size 4 --rl_sde_window_range 0,8
+  # 16 sampler steps at the deployed guidance (--rl_guidance_scale follows --guidance_scale, 30);
+  # a window of 4 stochastic (and trained) steps in the first half
+  --rl_num_inference_steps 16 --rl_sde_window_size 4 --rl_sde_window_range 0,8
   --rl_timestep_fraction 1.0 --rl_noise_level 0.7 --rl_sde_type sde
-  --rl_grpo_clip_range 0.2 --rl_kl_beta 0.04 --rl_copy_dtype bf16
+  # a clip range that binds at this step size (watch train/clipfrac); KL to the RL-start adapter
+  --rl_grpo_clip_range 1e-4 --rl_kl_beta 0.04 --rl_copy_dtype bf16
   --reward_weights "${REWARD_WEIGHTS:-ocr=0.7,style=0.2,background=0.1}"
   --rl_image_log_every 10
   --checkpointing_steps 100 --checkpoints_total_limit 5 --resume_from_checkpoint latest

@@ -87,7 +87,7 @@ TINY=(--resolution 64 --num_tokens 8 --max_sequence_length 32 --reference_strip_
 RL=(--use_rl --rl_warmup_steps 0 --train_data_json "$D/data/data.jsonl" --rl_eval_data "$D/heldout/data.jsonl"
     --reward_weights contrast=1 --learning_rate 0.03 --rl_kl_beta 0 --rl_per_prompt_stat_tracking
     --rl_num_images_per_prompt 4 --train_batch_size 8 --rl_timestep_fraction 0.5 --rl_num_inference_steps 4
-    --rl_guidance_scale 3.5 --rl_copy_dtype fp32 --use_ema --checkpointing_steps 1000
+    --rl_copy_dtype fp32 --use_ema --checkpointing_steps 1000
     --rl_image_log_every "$IMAGE_LOG_EVERY")
 
 # ---------------------------------------------------------------------------- the demo folder

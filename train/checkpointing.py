@@ -401,6 +401,8 @@ MUST_MATCH = {
     "gradient_accumulation_steps": "every saved optimizer step averaged that many micro-batches; the data "
                                    "position, LR schedule and --max_train_steps count such steps",
     "learning_rate": "the restored optimizer and LR scheduler keep the saved base learning rate",
+    "rl_learning_rate": "the restored RL optimizer and LR schedule keep the saved base learning rate",
+    "rl_adam_weight_decay": "the restored RL optimizer keeps the saved value",
     "lr_scheduler": "the restored scheduler state would continue on the saved base learning rate",
     "lr_warmup_steps": "the restored scheduler state belongs to the saved warm-up",
     "adam_beta1": "the restored optimizer state keeps the saved value",

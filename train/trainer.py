@@ -510,6 +510,7 @@ class Trainer:
         the RL learning rate, weight decay and schedule."""
         self.optimizer.state.clear()
         self.lr_scheduler.start_rl(self.global_step)
+        self.guard.norms.clear()  # RL gradients have their own scale: the median starts again
 
     def _report_skip(self) -> None:
         """Log a skipped step; stop the run after ``--max_consecutive_skips`` of them in a row."""
@@ -522,8 +523,9 @@ class Trainer:
             kept = f"the newest checkpoint {newest} is intact" if newest else "no checkpoint was written yet"
             raise RunStopped(f"{guard.consecutive} optimizer steps in a row were skipped at global_step "
                              f"{self.global_step} (last: {self._skip_reason}); the run diverged and stops here. "
-                             f"{kept}: lower --learning_rate / --rl_learning_rate (or raise --max_grad_norm_skip) "
-                             f"and continue with --resume_from_checkpoint latest", exit_code=4)
+                             f"{kept}: continue it with --resume_from_checkpoint latest and a higher "
+                             f"--max_grad_norm_skip, or start a new run from its weights (--initial_ip_adapter_path "
+                             f"CHECKPOINT/ip-adapter.bin) with a lower learning rate", exit_code=4)
 
     def after_optimizer_step(self, metrics: dict[str, float], progress: dict | None = None,
                              checkpoint_now: bool = True) -> None:

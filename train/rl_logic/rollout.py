@@ -336,12 +336,13 @@ def watch_heldout(trainer) -> tuple[bool, str | None]:
         return best, None
     window = evals[-p - 1:]
     fell = all(b[1] < a[1] for a, b in zip(window, window[1:]))
-    rose = window[-1][2] > window[0][2]  # False when either is NaN (the RL-start evaluation has no rollouts)
+    trained = [t for _, _, t in window if math.isfinite(t)]  # the RL-start evaluation has no training reward
+    rose = len(trained) >= 2 and trained[-1] > trained[0]
     if not (fell and rose):
         return best, None
     return best, (f"the held-out {heldout_metric(trainer)} fell at each of the last {p} evaluations "
                   f"({window[0][1]:.4f} -> {window[-1][1]:.4f}) while the training reward rose "
-                  f"({window[0][2]:.4f} -> {window[-1][2]:.4f}): the policy may be gaming the training reward")
+                  f"({trained[0]:.4f} -> {trained[-1]:.4f}): the policy may be gaming the training reward")
 
 
 def write_best(trainer, path: Path, out: dict[str, float]) -> None:

@@ -6,9 +6,42 @@ import json
 import pickle
 from pathlib import Path
 
+import pytest
 import torch
 
+from train.rewards.base import ItemScore, Scorer
+from train.rewards.contrast import ContrastScorer
 from train.tests.train_helpers import tiny_train_args
+
+EVAL_WEIGHTS = "contrast=0.5"  # held-out score = contrast / 2, whatever the training reward is
+
+
+class InvertedContrast(Scorer):
+    """``1 - contrast``: the negated reward, still in [0, 1], from the real contrast scorer."""
+
+    name, requires = "contrast", ("mask",)
+
+    def __init__(self):
+        self.inner = ContrastScorer()
+
+    def _score_batch(self, items):
+        return [ItemScore.ok(1.0 - s.score) if s.error is None else s for s in self.inner.score_batch(items)]
+
+
+@pytest.fixture()
+def negated_reward(monkeypatch):
+    """Train on ``1 - contrast`` (in-process); a held-out evaluation with other weights keeps the real contrast."""
+    from train.rl_ip import reward as reward_mod
+    from train.rl_logic import rollout
+
+    real = rollout.build_reward_fn
+
+    def build(urls, weights, **kw):
+        if weights == {"contrast": 1.0}:
+            return reward_mod.LocalReward({"contrast": InvertedContrast()}, weights)
+        return real(urls, weights, **kw)
+
+    monkeypatch.setattr(rollout, "build_reward_fn", build)
 
 
 def rl_args(tiny_models, data, out: Path, steps: int, method: str = "grpo", **flags) -> list[str]:

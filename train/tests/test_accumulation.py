@@ -32,6 +32,8 @@ def test_batch_four_equals_four_accumulated_micro_batches_with_ema_and_schedule(
         assert state["global_step"] == 3 and state["ema_num_updates"] == 3, state
         assert (state["epoch"], state["position"]) == (1, 1 if path == x else 4), state  # micro-batches of 4 vs 1
         scheduler = torch.load(path / "custom_checkpoint_0.pkl", weights_only=False)
+        assert scheduler["phase"] == "supervised", scheduler
+        scheduler = scheduler["scheduler"]
         assert scheduler["last_epoch"] == 3 and scheduler["_step_count"] == 4, scheduler
         # warm-up 2 then cosine over the remaining 1 of 3 steps: after step 3 the LR is 0
         assert scheduler["_last_lr"] == [pytest.approx(0.0, abs=1e-12)]

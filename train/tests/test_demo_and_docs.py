@@ -34,7 +34,7 @@ GUIDE = REPO / "RL_TRAINING_GUIDE.md"
 README = REPO / "README.md"
 EXAMPLES = REPO / "examples"
 FLAG_ROW = re.compile(r"^\|\s*`--([a-z0-9_]+)`\s*\|\s*`([^`]*)`")
-TAG_ROW = re.compile(r"^\|\s*`((?:train|reward|adv|eval|timing|ema|memory|perf|rl|nft|images)/[a-z0-9_{}]+)`")
+TAG_ROW = re.compile(r"^\|\s*`((?:train|reward|adv|eval|eval_ema|timing|ema|memory|perf|rl|nft|images)/[a-z0-9_{}]+)`")
 GPU_ONLY = "--use_8bit_adam needs a CUDA GPU"
 
 

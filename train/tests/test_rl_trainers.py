@@ -12,9 +12,7 @@ import torch
 
 from train.config import parse_args
 from train.data.synthesize import synthesize
-from train.rewards.base import ItemScore, Scorer
-from train.rewards.contrast import ContrastScorer
-from train.tests.rl_helpers import eval_curve, metric, rl_args, rl_state
+from train.tests.rl_helpers import EVAL_WEIGHTS, eval_curve, metric, negated_reward, rl_args, rl_state  # noqa: F401
 from train.tests.train_helpers import adapter_weights, assert_weights_equal
 from train.train import main
 from train.trainer import Trainer
@@ -30,37 +28,6 @@ def held_out(tmp_path_factory):
     return synthesize(tmp_path_factory.mktemp("rl-held-out"), num=4, resolution=64, seed=5)
 
 
-class InvertedContrast(Scorer):
-    """``1 - contrast``: the negated reward, still in [0, 1], from the real contrast scorer."""
-
-    name, requires = "contrast", ("mask",)
-
-    def __init__(self):
-        self.inner = ContrastScorer()
-
-    def _score_batch(self, items):
-        return [ItemScore.ok(1.0 - s.score) if s.error is None else s for s in self.inner.score_batch(items)]
-
-
-EVAL_WEIGHTS = "contrast=0.5"  # held-out score = contrast / 2, whatever the training reward is
-
-
-@pytest.fixture()
-def negated_reward(monkeypatch):
-    """Train on ``1 - contrast`` (in-process); the held-out evaluation keeps the real contrast."""
-    from train.rl_ip import reward as reward_mod
-    from train.rl_logic import rollout
-
-    real = rollout.build_reward_fn
-
-    def build(urls, weights, **kw):
-        if weights == {"contrast": 1.0}:
-            return reward_mod.LocalReward({"contrast": InvertedContrast()}, weights)
-        return real(urls, weights, **kw)
-
-    monkeypatch.setattr(rollout, "build_reward_fn", build)
-
-
 def run_trainer(argv, stop_at=None) -> Trainer:
     trainer = Trainer(parse_args(argv))
     trainer.setup()
@@ -69,7 +36,8 @@ def run_trainer(argv, stop_at=None) -> Trainer:
 
 
 # ---------------------------------------------------------------------------------------------- GRPO
-@pytest.mark.parametrize("window", [{}, {"rl_sde_window_size": 2}], ids=["all-steps", "sde-window"])
+@pytest.mark.parametrize("window", [{}, {"rl_sde_window_size": 2}, {"rl_grpo_guard": True}],
+                         ids=["all-steps", "sde-window", "grpo-guard"])
 def test_grpo_first_update_has_ratio_one_and_every_parameter_changes(tiny_models, data, tmp_path, window):
     trainer = Trainer(parse_args(rl_args(tiny_models, data, tmp_path / "run", 2, rl_warmup_steps=1, **window)))
     trainer.setup()

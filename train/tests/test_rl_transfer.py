@@ -18,7 +18,7 @@ from train.checkpointing import BEST_FILE, validate_checkpoint
 from train.config import parse_args, validate
 from train.data.synthesize import synthesize
 from train.models.calligrapher import Calligrapher
-from train.tests.rl_helpers import rl_args, rl_state
+from train.tests.rl_helpers import EVAL_WEIGHTS, negated_reward, rl_args, rl_state  # noqa: F401
 from train.tests.train_helpers import adapter_weights, tiny_train_args
 from train.trainer import RunStopped, Trainer
 
@@ -100,6 +100,8 @@ def test_rl_optimizer_is_not_reset_when_a_run_resumes_mid_rl(tiny_models, data, 
     for idx, s in saved["state"].items():
         assert float(s["step"]) == 1
         assert torch.equal(state["state"][idx]["exp_avg_sq"], s["exp_avg_sq"])
+    saved_guard = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())["step_guard"]
+    assert len(saved_guard["norms"]) == 2 and list(resumed.guard.norms) == saved_guard["norms"]
     resumed.run()
     assert all(float(s["step"]) == 2 for s in resumed.optimizer.optimizer.state.values())  # continued, not reset
     resumed.close()
@@ -277,7 +279,7 @@ def test_a_nan_gradient_skips_one_step_and_changes_nothing(tiny_models, data, tm
     assert skipped == [1], [s for s, _ in snapshots]
     assert _same(snapshots[0][1], snapshots[1][1]), "the skipped step changed weights, EMA or Adam state"
     assert not _same(snapshots[1][1], snapshots[2][1])
-    assert trainer.global_step == 3 and trainer.guard.skipped == 1
+    assert trainer.global_step == 3 and trainer.guard.skipped == 1 and trainer.guard.consecutive == 0
     assert [m["train/skipped_steps"] for _, m in trainer.history if "train/lr" in m][-1] == 1.0
     assert "skipped the optimizer step" in (tmp_path / "run" / "train_log.txt").read_text()
     for t in trainer.model.adapter.state_dict().values():
@@ -331,3 +333,69 @@ def test_non_finite_and_out_of_range_guard_flags_are_refused(tmp_path):
     for flag in ("--learning_rate must be a finite", "--masked_loss_weight must be a finite",
                  "--max_grad_norm_skip must be 0", "--max_consecutive_skips must be at least 1"):
         assert flag in joined, joined
+
+
+# ------------------------------------------------------------------------------------------ 12. reward hacking
+@pytest.mark.slow
+def test_divergence_alarm_and_best_checkpoint_when_the_training_reward_is_gamed(tiny_models, data, tmp_path,
+                                                                                negated_reward, capsys):
+    """Train on ``1 - contrast`` while the held-out set is scored with the real ``contrast``: the training reward
+    rises as the held-out reward falls. The alarm fires, ``--rl_stop_on_divergence`` stops the run after a
+    checkpoint (exit 0, a "stopped:" line), and ``best.json`` names the best held-out checkpoint, which
+    ``--checkpoints_total_limit 1`` did not prune."""
+    from train.train import main
+
+    out = tmp_path / "run"
+    flags = dict(method="nft", learning_rate=0.03, rl_kl_beta=0.0, rl_per_prompt_stat_tracking=True,
+                 rl_num_images_per_prompt=4, train_batch_size=8, rl_eval_reward_weights=EVAL_WEIGHTS,
+                 rl_eval_data=data, rl_eval_every=1, rl_divergence_patience=2, rl_stop_on_divergence=True,
+                 checkpointing_steps=1000, checkpoints_total_limit=1)
+    assert main(rl_args(tiny_models, data, out, 30, **flags)) == 0
+    err = capsys.readouterr().err
+    assert "stopped: stopped on divergence at global_step" in err
+    log = (out / "train_log.txt").read_text()
+    assert "while the training reward rose" in log and "--rl_stop_on_divergence: stopping" in log
+    rows = [json.loads(line) for line in (out / "eval_rewards.jsonl").read_text().splitlines()]
+    stop = rows[-1]["global_step"]
+    assert stop < 30 and rows[-1]["eval/reward_mean"] < rows[-3]["eval/reward_mean"]
+    best = json.loads((out / BEST_FILE).read_text())
+    assert best["metric"] == "eval/reward_mean"
+    assert best["value"] == max(r["eval/reward_mean"] for r in rows)
+    names = sorted(p.name for p in out.glob("checkpoint-*"))
+    assert names == sorted({best["checkpoint"], f"checkpoint-{stop}"}), names
+    assert validate_checkpoint(out / best["checkpoint"]) == []
+    assert json.loads((out / best["checkpoint"] / "trainer_state.json").read_text())["global_step"] == \
+        best["global_step"]
+
+
+def test_divergence_needs_a_falling_held_out_reward_and_a_rising_training_reward(tiny_models, data, tmp_path):
+    from train.rl_logic.rollout import watch_heldout
+
+    trainer = Trainer(parse_args(rl_args(tiny_models, data, tmp_path / "run", 1, rl_divergence_patience=2)))
+    trainer.ema = None
+    cases = [  # (held-out, training) per evaluation -> (best at the last, alarm at the last)
+        ([(0.5, math.nan)], (True, False)),
+        ([(0.5, math.nan), (0.4, 0.1), (0.3, 0.2)], (False, True)),  # RL-start row has no training reward
+        ([(0.5, 0.1), (0.4, 0.2), (0.3, 0.3)], (False, True)),
+        ([(0.5, 0.1), (0.4, 0.2), (0.3, 0.05)], (False, False)),  # training reward fell too
+        ([(0.5, 0.1), (0.6, 0.2), (0.3, 0.3)], (False, False)),  # held-out rose once in the window
+        ([(0.5, 0.1), (0.4, 0.2), (0.7, 0.3)], (True, False)),
+        ([(0.5, 0.1), (0.5, 0.2)], (False, False)),  # a tie is no new best
+    ]
+    for rows, (best, alarm) in cases:
+        trainer.rl.evals = [[i, h, t] for i, (h, t) in enumerate(rows)]
+        got_best, warning = watch_heldout(trainer)
+        assert (got_best, warning is not None) == (best, alarm), rows
+    trainer.cfg.rl_divergence_patience = 0
+    trainer.rl.evals = [[0, 0.5, 0.1], [1, 0.4, 0.2], [2, 0.3, 0.3]]
+    assert watch_heldout(trainer)[1] is None
+
+
+def test_pruning_never_deletes_the_best_checkpoint(tmp_path):
+    from train.checkpointing import prune_checkpoints
+
+    for step in (1, 2, 3, 4):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    (tmp_path / BEST_FILE).write_text(json.dumps({"checkpoint": "checkpoint-1"}))
+    prune_checkpoints(tmp_path, 4, 1)
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-4"]
