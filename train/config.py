@@ -134,6 +134,12 @@ class TrainConfig:
     rl_eval_num_inference_steps: int | None = opt(None, "Sampler steps of the held-out evaluation (default: "
                                                         "--rl_num_inference_steps).")
     rl_image_log_every: int = opt(0, "Log a TensorBoard image grid of rollouts every N RL epochs (0 = never).")
+    rl_loss_region: str = opt("canvas", "Tokens the RL objectives (GRPO log-probabilities and KL, NFT x0 errors and "
+                                        "KL) average over: 'source' leaves out the in-context reference strip, "
+                                        "which is cropped off before scoring, as the supervised loss does; "
+                                        "'canvas' (default) keeps every token: the strip's sampled transitions are part of the action and "
+                                        "reach the source through attention (leaving them out stopped GRPO learning "
+                                        "on the tiny model).", choices=("source", "canvas"))
     rl_divergence_patience: int = opt(3, "Warn when the held-out reward has fallen for this many evaluations in a "
                                          "row while the training reward rose (reward hacking); 0 = never.")
     rl_stop_on_divergence: bool = opt(False, "Stop the run (after a checkpoint) when that warning fires; the best "

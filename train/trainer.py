@@ -468,6 +468,12 @@ class Trainer:
 
         return source_region_tokens(batch.mask, batch.source_boxes)
 
+    def rl_tokens(self, batch) -> torch.Tensor:
+        """``[B, L]`` token weights of the RL objectives: :meth:`source_tokens`, or 1 everywhere with
+        ``--rl_loss_region canvas``."""
+        tokens = self.source_tokens(batch)
+        return tokens if self.cfg.rl_loss_region == "source" else torch.ones_like(tokens)
+
     def condition(self, batch, guidance_scale: float):
         """The model conditioning of a :class:`~train.data.preprocess.SampleBatch` (cached prompts, styles and
         masked-source latents)."""

@@ -44,7 +44,7 @@ def train_grpo(trainer, end: int) -> None:
                 sigmas = trainer.model.sigmas(cfg.rl_num_inference_steps, cond.cond_latents.shape[1])
                 lo, hi = sde_window(cfg.rl_num_inference_steps, cfg.rl_sde_window_size, sde_window_range(cfg),
                                     keyed_generator(cfg.seed, 17, epoch, b), default_range=default_window_range(cfg))
-                tokens = trainer.source_tokens(batch).to(cond.cond_latents.device)
+                tokens = trainer.rl_tokens(batch).to(cond.cond_latents.device)
                 traj = sample_trajectory(trainer, cond, image_generators(cfg, epoch, b, image_keys), sigmas,
                                          stochastic=range(lo, hi), noise_level=cfg.rl_noise_level,
                                          sde_type=cfg.rl_sde_type, token_weights=tokens, keep_means=cfg.rl_grpo_guard)

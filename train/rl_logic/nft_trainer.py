@@ -51,7 +51,7 @@ def train_nft(trainer, end: int) -> None:
                 items = reward_items(batch, decode(trainer, traj.final, cond), f"e{epoch}b{b}", image_keys)
                 futures.append((ctx.reward_fn.submit(items), items))
                 batches.append(RolloutBatch(cond, sigmas, [b * trainer.global_batch + j for j in image_keys],
-                                            trainer.source_tokens(batch).to(cond.cond_latents.device), traj))
+                                            trainer.rl_tokens(batch).to(cond.cond_latents.device), traj))
                 group_keys.append(keys)
             ctx.timings["rollout_s"] = time.perf_counter() - t0
             # ---------------------------------------------------------------- reward + advantage
