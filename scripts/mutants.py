@@ -515,7 +515,9 @@ MUTANTS += [
     M("step_guard", TR, "            self.consecutive = 0\n", "            pass\n"),
     M("step_guard", TR, 'self.guard.load_state_dict(state.get("step_guard"))', "pass"),
     M("step_guard", TR, "if grad_norm > self.factor * median:", "if grad_norm > self.factor * median * 2:"),
-    M("step_guard", TR, "        self._loss_finite = True\n", "        pass\n"),
+    M("step_guard", TR, "        self._loss_bad = None\n", "        pass\n"),
+    M("step_guard", TR, "finite = not bool(acc.gather(self._loss_bad.float().reshape(1)).max() > 0)",
+      "finite = True"),
 ]
 for _i, _m in enumerate(MUTANTS):
     _m.id = f"{_m.module}#{sum(1 for x in MUTANTS[:_i] if x.module == _m.module) + 1}"

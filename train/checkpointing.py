@@ -33,7 +33,7 @@ import zipfile
 from pathlib import Path
 
 from .config import ConfigError
-from .models.checkpoint_io import AdapterFileError, read_adapter_file, save_adapter_file
+from .models.checkpoint_io import AdapterFileError, atomic_write_text, read_adapter_file, save_adapter_file
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 _ASIDE = re.compile(r"^\.checkpoint-(\d+)\.old$")
@@ -188,6 +188,11 @@ def best_checkpoint(output_dir: str | os.PathLike) -> str | None:
         return json.loads((Path(output_dir) / BEST_FILE).read_text()).get("checkpoint")
     except (OSError, ValueError, AttributeError):
         return None
+
+
+def write_best(output_dir: str | os.PathLike, record: dict) -> None:
+    """Record the best held-out checkpoint (``record["checkpoint"]`` is its folder name) in ``best.json``."""
+    atomic_write_text(Path(output_dir) / BEST_FILE, json.dumps(record, indent=2))
 
 
 def prune_checkpoints(output_dir: str | os.PathLike, step: int, total_limit: int) -> list[Path]:

@@ -292,6 +292,8 @@ def _plan(cfg: TrainConfig, num_processes: int, gpu_memory_gb: float | None, spe
                    Phase(f"{m}: VAE encode / decode", state + max(sim["vae_encode"], sim["vae_decode"])),
                    Phase(f"{m}: trained forward/backward", state + grads_when_stepping + sim["train"]),
                    Phase(f"{m}: optimizer step", state + grads_when_stepping + opt_tmp)]
+        if ema_host and cfg.rl_eval_data:  # the fp32 shadow is copied to the device to sample the held-out set
+            phases.append(Phase(f"{m}: held-out evaluation of the EMA", state + ema + sim["rollout"]))
         work[cfg.rl_method] = sim["train"]
     largest = max(work, key=work.get)
     rows += [Row("working", "step working memory (estimate)", work[largest], 0, f"{largest} forward/backward: "
@@ -316,7 +318,8 @@ def _dt(dtype: torch.dtype) -> str:
 
 def _rl_epoch_buffers(cfg: TrainConfig, spec: ModelSpec, image_tokens: int, wdt: torch.dtype) -> int:
     """Bytes the RL loops keep for one epoch on the device: each batch's conditioning and latents
-    (GRPO: the stochastic steps' latents, next latents and log-probabilities; NFT: the clean latents),
+    (GRPO: the stochastic steps' latents, next latents and log-probabilities, and with GRPO-Guard their means;
+    NFT: the clean latents),
     and the copies ``FillConditioning.cat`` / ``torch.cat`` make of them for the update."""
     t = spec.transformer
     images = cfg.train_batch_size * cfg.rl_num_batches_per_epoch
@@ -327,7 +330,8 @@ def _rl_epoch_buffers(cfg: TrainConfig, spec: ModelSpec, image_tokens: int, wdt:
     if cfg.rl_method == "grpo":
         lo, hi = sde_window_range(cfg) or default_window_range(cfg) or (0, cfg.rl_num_inference_steps - 1)
         steps = cfg.rl_sde_window_size or hi - lo
-        latents = 2 * steps * image_tokens * 64 * 4 + steps * 4
+        kept = 3 if cfg.rl_grpo_guard else 2  # latents and next latents (+ the step means for GRPO-Guard)
+        latents = kept * steps * image_tokens * 64 * 4 + steps * 4
     else:
         latents = image_tokens * 64 * 4
     return 2 * images * (cond + latents) + cfg.rl_num_batches_per_epoch * per_batch_ids

@@ -38,6 +38,7 @@ from .config import ConfigError, TrainConfig
 from .data.dataset import CalligraphyDataset, load_records
 from .data.preprocess import collate_samples
 from .data.prompt_cache import PromptCache, encoder_identity, make_encode_fn, release_text_encoders
+from .flow_matching import source_region_tokens
 from .models.calligrapher import Calligrapher
 from .models.checkpoint_io import load_adapter_file
 from .monitoring import RunMonitor, peak_memory_gb
@@ -211,7 +212,8 @@ class Trainer:
         self._checkpoint_due = False
         self.guard = StepGuard(cfg.max_grad_norm_skip, cfg.max_consecutive_skips)
         self.step_skipped = False  # whether the last synchronising micro-batch skipped its optimizer step
-        self._loss_finite = True  # of every micro-batch since the last optimizer step
+        self._loss_bad: torch.Tensor | None = None  # non-finite loss since the last optimizer step (on the device)
+        self._skip_reason = ""
 
     # ------------------------------------------------------------------ set-up
     def setup(self) -> None:
@@ -464,8 +466,6 @@ class Trainer:
     def source_tokens(self, batch) -> torch.Tensor:
         """``[B, L]`` fraction of each packed token inside the source region: the in-context reference strip
         (cropped off before scoring, never a target) gets 0. Every training objective weights its tokens by it."""
-        from .flow_matching import source_region_tokens
-
         return source_region_tokens(batch.mask, batch.source_boxes)
 
     def rl_tokens(self, batch) -> torch.Tensor:
@@ -491,15 +491,16 @@ class Trainer:
         :attr:`step_skipped` tells :meth:`after_optimizer_step`, which then leaves LR, EMA and step count alone.
         """
         acc, cfg = self.accelerator, self.cfg
-        self._loss_finite = self._loss_finite and bool(torch.isfinite(loss.detach()).all())
+        bad = ~torch.isfinite(loss.detach()).all()  # stays on the device: no host sync per micro-batch
+        self._loss_bad = bad if self._loss_bad is None else self._loss_bad | bad
         if not acc.sync_gradients:
             self.optimizer.step()  # accelerate's wrapper does nothing until the sync
             return None
         limit = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
         grad_norm = float(acc.clip_grad_norm_(self.adapter.parameters(), limit))
         # every process decides alike: the norm is of the reduced gradients, the loss flag is gathered
-        finite = bool(acc.gather(torch.tensor([float(self._loss_finite)], device=acc.device)).min() > 0)
-        self._loss_finite = True
+        finite = not bool(acc.gather(self._loss_bad.float().reshape(1)).max() > 0)
+        self._loss_bad = None
         reason = self.guard.reason(grad_norm, finite)
         self.step_skipped = reason is not None
         self.guard.record(grad_norm, self.step_skipped)

@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from ..checkpointing import BEST_FILE
+from .. import checkpointing as ckpt
 from ..data.preprocess import collate_samples, tensor_to_pil
 from ..models.calligrapher import FillConditioning
 from ..rewards.base import RewardItem, parse_reward_weights
@@ -96,7 +95,7 @@ def start_rl(trainer, with_old: bool) -> RLContext:
         out = evaluate_heldout(trainer, ctx)
         if out is not None and watch_heldout(trainer)[0]:
             trainer.request_checkpoint()
-            write_best(trainer, trainer.maybe_checkpoint(), out)
+            record_best(trainer, trainer.maybe_checkpoint(), out)
     return ctx
 
 
@@ -325,11 +324,12 @@ def watch_heldout(trainer) -> tuple[bool, str | None]:
     """Read the newest evaluation against the earlier ones: ``(new best, divergence warning or None)``.
 
     New best: the held-out figure beats every earlier evaluation (the first, at RL start, is the first best:
-    where to fall back to when RL only made things worse). Divergence: the held-out figure fell at each of the last ``--rl_divergence_patience``
-    evaluations while the training reward rose over the same span — the policy games the training reward.
+    where to fall back to when RL only made things worse). Divergence: the held-out figure fell at each of
+    the last ``--rl_divergence_patience`` evaluations while the training reward rose over the same span — the
+    policy games the training reward.
     """
     cfg, evals = trainer.cfg, trainer.rl.evals
-    epoch, value, train = evals[-1]
+    value = evals[-1][1]
     best = math.isfinite(value) and all(value > v for _, v, _ in evals[:-1] if math.isfinite(v))
     p = cfg.rl_divergence_patience
     if not p or len(evals) <= p:
@@ -345,18 +345,15 @@ def watch_heldout(trainer) -> tuple[bool, str | None]:
                   f"({trained[0]:.4f} -> {trained[-1]:.4f}): the policy may be gaming the training reward")
 
 
-def write_best(trainer, path: Path, out: dict[str, float]) -> None:
-    """Record ``path`` as the best held-out checkpoint in ``OUTPUT_DIR/best.json`` (written atomically)."""
+def record_best(trainer, path: Path, out: dict[str, float]) -> None:
+    """Record ``path`` as the best held-out checkpoint in ``OUTPUT_DIR/best.json``."""
     if not trainer.accelerator.is_main_process:
         return
     key = heldout_metric(trainer)
-    record = {"checkpoint": path.name, "global_step": trainer.global_step, "rl_epoch": trainer.rl.epoch,
-              "metric": key, "value": out[key], "eval": out}
-    target = Path(trainer.cfg.output_dir) / BEST_FILE
-    tmp = target.with_name(f".{BEST_FILE}.partial")
-    tmp.write_text(json.dumps(record, indent=2))
-    os.replace(tmp, target)
-    trainer.monitor.line(f"best held-out {key} so far ({out[key]:.4f}): {path.name}, recorded in {BEST_FILE}")
+    ckpt.write_best(trainer.cfg.output_dir, {"checkpoint": path.name, "global_step": trainer.global_step,
+                                             "rl_epoch": trainer.rl.epoch, "metric": key, "value": out[key],
+                                             "eval": out})
+    trainer.monitor.line(f"best held-out {key} so far ({out[key]:.4f}): {path.name}, recorded in {ckpt.BEST_FILE}")
 
 
 def log_image_grid(trainer, pairs, tag: str = "rollouts", limit: int = 8) -> None:
@@ -418,12 +415,12 @@ def end_of_epoch(trainer, ctx: RLContext, metrics: dict[str, float], rewards: Ep
         trainer.request_checkpoint()
     path = trainer.maybe_checkpoint()
     if best and path is not None:
-        write_best(trainer, path, out)
+        record_best(trainer, path, out)
     if warning is not None and cfg.rl_stop_on_divergence:
         from ..trainer import RunStopped
 
         raise RunStopped(f"stopped on divergence at global_step {trainer.global_step}: {warning}. The best "
-                         f"held-out checkpoint is named in {Path(cfg.output_dir) / BEST_FILE}", exit_code=0)
+                         f"held-out checkpoint is named in {Path(cfg.output_dir) / ckpt.BEST_FILE}", exit_code=0)
 
 
 def _watch_clipfrac(trainer, metrics: dict[str, float]) -> None:
