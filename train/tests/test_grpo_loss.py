@@ -324,3 +324,16 @@ def test_guard_bad_inputs_raise():
         grpo_loss(log_prob, old, torch.ones(2), EPS, ADV_MAX, guard=(torch.zeros(3), torch.ones(2)))
     with pytest.raises(ValueError, match=r"must both be \[B=2\]"):
         grpo_loss(log_prob, old, torch.ones(2), EPS, ADV_MAX, guard=(torch.zeros(2), torch.ones(2, 1)))
+
+
+def test_kl_with_token_weights_by_hand():
+    """mean - ref_mean = [[1, 1], [2, 2], [3, 3]] per token, weights [1, 0, 1], std 1: KL = (1 + 9) / 2 / 2."""
+    mean = torch.zeros(1, 3, 2, requires_grad=True)
+    ref = -torch.tensor([[[1.0, 1.0], [2.0, 2.0], [3.0, 3.0]]])
+    zero = torch.zeros(1)
+    w = torch.tensor([[1.0, 0.0, 1.0]])
+    _, info = grpo_loss(zero, zero, zero, 0.2, 5.0, mean=mean, ref_mean=ref, std_dev_t=1.0, kl_beta=1.0,
+                        token_weights=w)
+    assert info["kl"].item() == pytest.approx(10.0 / 2 / 2)
+    _, plain = grpo_loss(zero, zero, zero, 0.2, 5.0, mean=mean, ref_mean=ref, std_dev_t=1.0, kl_beta=1.0)
+    assert plain["kl"].item() == pytest.approx(14.0 / 3 / 2)

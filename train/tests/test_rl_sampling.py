@@ -274,3 +274,36 @@ def test_nft_train_steps_are_a_permutation_prefix():
         assert steps == torch.randperm(num_steps, generator=torch.Generator().manual_seed(4))[:size].tolist()
     with pytest.raises(ValueError, match="--rl_timestep_fraction"):
         nft_train_steps(10, 1.5, None)
+
+
+def test_token_weighted_log_probability_by_hand():
+    """Token weights [1, 0, 1, 0.5] on a [1, 4, 2] latent: the squared error is averaged over channels, then
+    weighted over tokens; a weight-0 token's transition does not change the log-probability at all."""
+    from train.rl_ip.sampling import token_mean
+
+    x = torch.tensor([[[1.0, 3.0], [5.0, 7.0], [0.0, 2.0], [4.0, 4.0]]])
+    w = torch.tensor([[1.0, 0.0, 1.0, 0.5]])
+    # per-token channel means 2, 6, 1, 4 -> (2 + 0 + 1 + 2) / 2.5
+    assert token_mean(x, w).item() == pytest.approx(5.0 / 2.5)
+    assert token_mean(x).item() == pytest.approx(26.0 / 8)
+    with pytest.raises(ValueError, match="token_weights"):
+        token_mean(x, w[:, :3])
+
+    g = torch.Generator().manual_seed(0)
+    sample, v = torch.randn(1, 4, 2, generator=g), torch.randn(1, 4, 2, generator=g)
+    prev, logp, mean, std = sde_step_with_logprob(v, 0.6, 0.4, sample, 0.7, generator=g, token_weights=w)
+    s = std.double() * math.sqrt(0.2)
+    sq = ((prev.double() - mean.double()) ** 2).mean(-1)[0]
+    expected = -(sq * w[0].double()).sum() / w.sum() / (2 * s**2) - torch.log(s) - 0.5 * math.log(2 * math.pi)
+    assert logp.item() == pytest.approx(expected.item(), rel=1e-5)
+    moved = prev.clone()
+    moved[:, 1] += 3.0  # the weight-0 token
+    assert torch.equal(sde_step_with_logprob(v, 0.6, 0.4, sample, 0.7, prev_sample=moved, token_weights=w)[1], logp)
+
+
+def test_window_without_a_range_lies_in_the_default_range():
+    """cps's default: a window of 2 inside [0, 5) of 10 steps, not inside [0, 9)."""
+    g = torch.Generator().manual_seed(0)
+    starts = Counter(sde_window(10, 2, None, g, default_range=(0, 5))[0] for _ in range(500))
+    assert set(starts) == {0, 1, 2, 3}
+    assert sde_window(10, 0, None, g, default_range=(0, 5)) == (0, 5)

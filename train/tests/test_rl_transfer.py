@@ -167,8 +167,9 @@ def test_source_tokens_give_the_reference_strip_zero_weight(tiny_models, data, t
 @pytest.mark.parametrize("method", ["grpo", "nft"])
 def test_rl_objectives_send_no_gradient_to_the_reference_strip(tiny_models, data, tmp_path, monkeypatch, method,
                                                                region):
-    """By default (``--rl_loss_region source``) the trained forward's velocity gets zero gradient on every strip
-    token (policy and KL terms alike) and a non-zero one on the source tokens; ``canvas`` trains the strip too."""
+    """With ``--rl_loss_region source`` the trained forward's velocity gets zero gradient on every strip token and
+    a non-zero one on the source tokens; ``canvas`` (the default) trains the strip too. (At this first update
+    θ = ref, so the KL terms send no gradient; their token weighting is pinned in the loss tests.)"""
     grads = []
     real = Calligrapher.velocity
 
