@@ -76,6 +76,25 @@ def test_rl_moves_the_held_out_reward_the_right_way(tiny_models, data, tmp_path,
     assert sign * (end - start) > 0.004, curve  # contrast / 2: a move of 0.008 in contrast (~3%)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("guard", [False, True], ids=["sde-window", "grpo-guard"])
+@pytest.mark.parametrize("sign", [1, -1])
+def test_grpo_with_an_sde_window_moves_the_held_out_reward_the_right_way(tiny_models, data, tmp_path, request,
+                                                                         sign, guard):
+    """A window of 3 stochastic (and trained) steps in 8, plain and with GRPO-Guard. With 4 sampler steps a
+    window of 2 in 3 carries too little signal at this size (the held-out contrast fell under the reward and
+    its negation alike); 8 steps give the window room."""
+    if sign < 0:
+        request.getfixturevalue("negated_reward")
+    flags = dict(learning_rate=0.03, rl_kl_beta=0.0, rl_per_prompt_stat_tracking=True, rl_num_images_per_prompt=4,
+                 train_batch_size=8, rl_eval_reward_weights=EVAL_WEIGHTS, checkpointing_steps=1000,
+                 rl_eval_data=data, rl_num_inference_steps=8, rl_sde_window_size=3, rl_grpo_guard=guard)
+    assert main(rl_args(tiny_models, data, tmp_path / "run", 30, **flags)) == 0
+    curve = eval_curve(tmp_path / "run")
+    assert len(curve) == 2
+    assert sign * (curve[-1] - curve[0]) > 0.004, curve
+
+
 # ---------------------------------------------------------------------------------------------- resume
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["grpo", "nft"])
