@@ -32,6 +32,7 @@ TESTS = {
         "test_grpo_stops_at_max_train_steps_inside_an_epoch",
         "test_rl_moves_the_held_out_reward_the_right_way[grpo-1]",
         "test_rl_moves_the_held_out_reward_the_right_way[grpo--1]",
+        "test_grpo_with_an_sde_window_moves_the_held_out_reward_the_right_way",
         "test_rl_resumed_twice_equals_the_uninterrupted_run[grpo]",
         "test_two_processes_equal_one_process_with_the_same_global_batch[grpo]")),
     # the shared rollout, the NFT loop and the trainer's step guard: wiring pinned by the transfer tests
