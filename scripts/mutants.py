@@ -493,6 +493,9 @@ MUTANTS += [
       "stochastic=range(lo, hi), noise_level=0.5 * cfg.rl_noise_level"),
     M("grpo_trainer", GT, "sde_type=cfg.rl_sde_type, token_weights=tokens, keep_means", "sde_type=cfg.rl_sde_type, keep_means"),
     M("grpo_trainer", GT, "sigma_max=sigma_max, token_weights=sub_tokens)", "sigma_max=sigma_max)"),
+    M("grpo_trainer", GT, "std_dev_t=std, kl_beta=cfg.rl_kl_beta, guard=guard,", "std_dev_t=std, kl_beta=cfg.rl_kl_beta, guard=None,"),
+    M("grpo_trainer", GT, "guard = grpo_guard_terms(mean, old_means[rows, s], x_next, std, sigma, sigma_next,",
+      "guard = grpo_guard_terms(mean, old_means[rows, s], x_next, std, sigma_next, sigma_next + 1e-3,"),
     # ------------------------------------------------------------------ GRPO-Guard, copies, best checkpoint
     M("grpo", GR, "cross / per_sample(std * torch.sqrt(gap))", "cross / per_sample(std)"),
     M("grpo", GR, "weight=per_sample(1 / gap))", "weight=per_sample(gap))"),

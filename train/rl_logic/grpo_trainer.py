@@ -27,6 +27,7 @@ from .rollout import (RolloutBatch, collect_rewards, decode, end_of_epoch, image
                       reward_items, rollout_batch, sample_trajectory, start_rl, step_metrics)
 
 GRPO_METRICS = ("loss", "policy_loss", "kl", "approx_kl", "clipfrac", "ratio_mean")  # averaged per optimizer step
+GUARD_METRICS = ("raw_ratio_mean", "guard_weight_mean")  # also, with --rl_grpo_guard
 
 
 def train_grpo(trainer, end: int) -> None:
@@ -136,7 +137,8 @@ def grpo_update(trainer, ctx, batches, rewards, end: int) -> dict[str, float]:
                 infos.append({**info, "loss": loss.detach()})
                 if not acc.sync_gradients:
                     continue
-                last = step_metrics(acc, infos, GRPO_METRICS, ("ratio",), grad_norm,
+                names = GRPO_METRICS + (GUARD_METRICS if cfg.rl_grpo_guard else ())
+                last = step_metrics(acc, infos, names, ("ratio",), grad_norm,
                                     time.perf_counter() - step_start)
                 trainer.after_optimizer_step(last, progress={"reward": rewards.metrics["reward/mean"]},
                                              checkpoint_now=False)

@@ -49,6 +49,12 @@ def test_grpo_first_update_has_ratio_one_and_every_parameter_changes(tiny_models
     assert rl_steps[0]["train/clipfrac"] == 0.0 and rl_steps[0]["train/approx_kl"] == 0.0
     for k, v in trainer.model.adapter.state_dict().items():
         assert not torch.equal(v, before[k]), f"{k} did not change"
+    if window.get("rl_grpo_guard"):  # each of the 3 trained steps weighted 1 / (sigma - sigma')
+        sigmas = trainer.model.sigmas(4, 20).double()  # 80 x 64 px canvas: 5 x 4 packed tokens
+        expected = (1 / (sigmas[:3] - sigmas[1:4])).mean().item()
+        assert rl_steps[0]["train/guard_weight_mean"] == pytest.approx(expected, rel=1e-5)
+    else:
+        assert "train/guard_weight_mean" not in rl_steps[0]
     # the KL reference is the adapter as RL found it (after the one warm-up step), not the initial one
     assert rl_state(tmp_path / "run" / "checkpoint-1")["ref"] is None  # written during the warm-up
     warm = adapter_weights(tmp_path / "run" / "checkpoint-1" / "ip-adapter.bin")
