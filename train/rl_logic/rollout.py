@@ -140,7 +140,7 @@ class RolloutBatch:
     cond: FillConditioning  # batch of B
     sigmas: torch.Tensor  # [T + 1] the sampler's noise levels
     image_ids: list[int]  # [B] global image index within the RL epoch (keys the update's random draws)
-    tokens: torch.Tensor  # [B, L] source-region weight of each token (0 on the reference strip)
+    tokens: torch.Tensor  # [B, L] each token's weight in the RL objectives (Trainer.rl_tokens)
     traj: Trajectory  # GRPO: the stochastic steps; NFT: only ``final``
 
 
@@ -151,7 +151,7 @@ def sample_trajectory(trainer, cond: FillConditioning, generators: list[torch.Ge
                       keep_means: bool = False) -> Trajectory:
     """Roll out from per-image noise. Steps in ``stochastic`` draw from the SDE and are recorded
     (never the final step); every other step is the deterministic (Euler) case of the same function.
-    ``token_weights [B, L]`` weight the recorded log-probabilities' tokens (0 on the reference strip)."""
+    ``token_weights [B, L]`` weight the recorded log-probabilities' tokens (``Trainer.rl_tokens``)."""
     model, acc = trainer.model, trainer.accelerator
     h, w = cond.latent_size
     shape = ((h // 2) * (w // 2), 64)
