@@ -465,7 +465,8 @@ class Trainer:
 
     def source_tokens(self, batch) -> torch.Tensor:
         """``[B, L]`` fraction of each packed token inside the source region: the in-context reference strip
-        (cropped off before scoring, never a target) gets 0. Every training objective weights its tokens by it."""
+        (cropped off before scoring, never a target) gets 0. The supervised loss weights its tokens by it, the RL
+        objectives with ``--rl_loss_region source``."""
         return source_region_tokens(batch.mask, batch.source_boxes)
 
     def rl_tokens(self, batch) -> torch.Tensor:
