@@ -35,6 +35,7 @@ from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
 from . import checkpointing as ckpt
 from .config import ConfigError, TrainConfig
+from .data import buckets
 from .data.dataset import CalligraphyDataset, load_records
 from .data.preprocess import collate_samples
 from .data.prompt_cache import PromptCache, encoder_identity, make_encode_fn, release_text_encoders
@@ -207,6 +208,7 @@ class Trainer:
         self.position = 0  # global micro-batches already consumed in the current epoch
         self.rl = RLRunState()
         self.monitor = None
+        self.canvas_sizes: list[tuple[int, int]] | None = None  # per sample when they differ (None: one size)
         self.history: list[tuple[int, dict[str, float]]] = []  # every logged (step, metrics), for tests and tools
         self._notes: list[str] = []  # start-up lines for the console and train_log.txt once the monitor exists
         self._checkpoint_due = False
@@ -226,14 +228,14 @@ class Trainer:
                                           reference_strip=not cfg.no_reference_strip,
                                           strip_height=cfg.reference_strip_height or None)
         self.global_batch = cfg.train_batch_size * acc.num_processes
-        self.batches_per_epoch = len(self.dataset) // self.global_batch
-        if self.batches_per_epoch == 0:
+        if len(self.dataset) < self.global_batch:
             raise ConfigError(f"--train_data_json has {len(self.dataset)} samples, fewer than one global batch "
                              f"({cfg.train_batch_size} x {acc.num_processes} processes)")
         if cfg.use_rl and self.global_batch % cfg.rl_num_images_per_prompt:
             raise ConfigError(f"--train_batch_size {cfg.train_batch_size} x {acc.num_processes} processes = "
                               f"{self.global_batch} rollout images per batch is not a multiple of "
                               f"--rl_num_images_per_prompt {cfg.rl_num_images_per_prompt}")
+        self._bucket_by_canvas_size()
         self._check_reward_service()
         resume_path = self._prepare_output_dir(out)
 
@@ -281,9 +283,34 @@ class Trainer:
             self.monitor.line(self._memory_plan())
         report = self.model.parameter_report()
         self.monitor.line("trainable parameters: " + ", ".join(f"{k}={v:,}" for k, v in report.items()))
-        self.monitor.line(f"data: {len(self.dataset)} samples, {self.batches_per_epoch} global micro-batches "
-                          f"of {self.global_batch} per epoch ({len(self.dataset) % self.global_batch} dropped); "
-                          f"global_step counts optimizer steps")
+        dropped = len(self.dataset) - self.batches_per_epoch * self.global_batch
+        sizes = self.canvas_sizes
+        self.monitor.line(f"data: {len(self.dataset)} samples"
+                          + (f" in {len(set(sizes))} canvas sizes, batched per size ({buckets.describe(sizes)})"
+                             if sizes else "")
+                          + f"; {self.batches_per_epoch} global micro-batches of {self.global_batch} per epoch "
+                          f"({dropped} dropped); global_step counts optimizer steps")
+
+    def _bucket_by_canvas_size(self) -> None:
+        """Record each sample's canvas size (batches are cut per size, :mod:`train.data.buckets`); refuse
+        sizes too rare to fill the smallest batch a phase of this run cuts."""
+        cfg = self.cfg
+        sizes = [self.dataset.canvas_size(i) for i in range(len(self.dataset))]
+        self.canvas_sizes = sizes if len(set(sizes)) > 1 else None
+        supervised = not cfg.use_rl or cfg.rl_warmup_steps > 0
+        unit, what = ((self.global_batch, f"one global batch of {self.global_batch}") if supervised else
+                      (self.global_batch // cfg.rl_num_images_per_prompt,
+                       f"one RL batch of {self.global_batch // cfg.rl_num_images_per_prompt} prompt group(s)"))
+        rare = buckets.undersized(sizes, unit)
+        if rare:
+            common_h = max(set(sizes), key=sizes.count)[1] - cfg.resolution
+            listed = ", ".join(f"{w}x{h} ({c} sample{'s' * (c > 1)})" for (w, h), c in rare.items())
+            raise ConfigError(
+                f"--train_data_json: canvas size(s) {listed} hold fewer samples than {what}, so no batch of one "
+                f"canvas size can be cut from them (the reference strip's height follows each reference's aspect "
+                f"ratio; sizes: {buckets.describe(sizes)}); cheapest fix: --reference_strip_height {common_h} "
+                f"(one canvas size for every sample), else a smaller --train_batch_size or more such samples")
+        self.batches_per_epoch = buckets.batches_per_order(self.canvas_sizes, len(sizes), self.global_batch)
 
     def _prepare_output_dir(self, out: Path) -> Path | None:
         """Create OUTPUT_DIR, clear interrupted writes, refuse to mix a fresh run with old checkpoints.
@@ -432,15 +459,19 @@ class Trainer:
         g = torch.Generator().manual_seed(self.cfg.seed * 7919 + epoch)
         return torch.randperm(len(self.dataset), generator=g).tolist()
 
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """Epoch ``epoch``'s global micro-batches, each of one canvas size, cut from :meth:`epoch_order`."""
+        return buckets.same_size_batches(self.epoch_order(epoch), self.canvas_sizes, self.global_batch)
+
     def _rank_batches(self, epoch: int, position: int):
         """From (epoch, position) on, forever: this rank's slice of each global micro-batch as
         ``(dataset index, epoch, position in epoch)`` triples."""
         b, rank = self.cfg.train_batch_size, self.accelerator.process_index
         while True:
-            order = self.epoch_order(epoch)
+            batches = self.epoch_batches(epoch)
             for m in range(position, self.batches_per_epoch):
                 start = m * self.global_batch + rank * b
-                yield [(order[p], epoch, p) for p in range(start, start + b)]
+                yield [(batches[m][rank * b + j], epoch, start + j) for j in range(b)]
             epoch, position = epoch + 1, 0
 
     def loader(self):

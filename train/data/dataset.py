@@ -29,7 +29,8 @@ import torch
 from PIL import Image
 
 from .image_modes import to_luminance, to_rgb
-from .preprocess import MASK_THRESHOLD, PreparedSample, binarize_mask, collate_samples, prepare_inputs, resize_mask
+from .preprocess import (MASK_THRESHOLD, PreparedSample, binarize_mask, collate_samples, mask_bbox, prepare_inputs,
+                         resize_mask, strip_height)
 
 ALLOWED_KEYS = ("source", "mask", "text", "ref", "id")
 BENCH_PROMPTS = "self_bench.txt"
@@ -58,6 +59,7 @@ class Record:
     mask: Path
     text: str
     ref: Path | None = None
+    ref_size: tuple[int, int] | None = None  # (w, h) of the reference (or self-reference crop), if known
 
 
 # ---------------------------------------------------------------------- reading the three formats
@@ -215,7 +217,14 @@ def _check(raw: _Raw, base: Path, resolution: int | None) -> tuple[Record | None
         rid = _content_id(source[1], mask[1], ref[1] if ref else None, text)
     if problems or rid is None:
         return None, rid, problems
-    return Record(id=rid, source=source[0], mask=mask[0], text=text, ref=ref[0] if ref else None), rid, problems
+    ref_size = ref[2].size if ref else _self_reference_size(mask[2])
+    return (Record(id=rid, source=source[0], mask=mask[0], text=text, ref=ref[0] if ref else None, ref_size=ref_size),
+            rid, problems)
+
+
+def _self_reference_size(mask: Image.Image) -> tuple[int, int]:
+    left, top, right, bottom = mask_bbox(mask)
+    return right - left, bottom - top
 
 
 def _label(raw: _Raw, rid: str | None) -> str:
@@ -327,6 +336,23 @@ class CalligraphyDataset(torch.utils.data.Dataset):
             resolution=self.resolution, reference_strip=self.reference_strip, id=r.id,
             strip_height=self.strip_height,
         )
+
+    def canvas_size(self, index: int) -> tuple[int, int]:
+        """``(width, height)`` of sample ``index``'s canvas, from the reference's size alone (no preprocessing):
+        only samples of one canvas size can share a batch (see :mod:`train.data.buckets`)."""
+        if not self.reference_strip:
+            return self.resolution, self.resolution
+        if self.strip_height:
+            return self.resolution, self.strip_height + self.resolution
+        r = self.records[index]
+        size = r.ref_size
+        if size is None:
+            if r.ref is not None:
+                with Image.open(r.ref) as img:  # the header only
+                    size = img.size
+            else:
+                size = _self_reference_size(open_image(r.mask, "L"))
+        return self.resolution, strip_height(size, self.resolution, max_height=self.resolution) + self.resolution
 
     @property
     def texts(self) -> list[str]:

@@ -138,14 +138,23 @@ def make_reference_strip(ref: Image.Image, width: int, height: int | None = None
     linear resize). Outside ``[16, max_height]`` the height is clamped and the reference fitted into
     the band instead of stretched. A given ``height`` always fits the reference into the band.
     """
+    h = strip_height(ref.size, width, height, max_height)
+    if height is None and h == official_strip_height(ref.size, width):
+        return cv2_linear(ref, (width, h))  # the official stretch
+    return fit_into(ref, (width, h), resize=cv2_linear)
+
+
+def strip_height(ref_size: tuple[int, int], width: int, height: int | None = None,
+                 max_height: int | None = None) -> int:
+    """Height of the strip :func:`make_reference_strip` builds for a ``(w, h)`` reference: ``height`` when
+    given, else the official height clamped to ``[16, max_height]``. What decides a sample's canvas size
+    (and so which samples can share a batch) before any pixel is decoded."""
     if height is None:
-        natural = official_strip_height(ref.size, width)
-        if MULTIPLE <= natural and (max_height is None or natural <= max_height):
-            return cv2_linear(ref, (width, natural))
-        height = MULTIPLE if natural < MULTIPLE else max_height
+        natural = official_strip_height(ref_size, width)
+        height = MULTIPLE if natural < MULTIPLE else natural if max_height is None else min(natural, max_height)
     if height <= 0 or height % MULTIPLE:
         raise ValueError(f"strip height must be a positive multiple of {MULTIPLE}, got {height}")
-    return fit_into(ref, (width, height), resize=cv2_linear)
+    return height
 
 
 # ---------------------------------------------------------------------- samples

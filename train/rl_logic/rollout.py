@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from .. import checkpointing as ckpt
+from ..data import buckets
 from ..data.preprocess import collate_samples, tensor_to_pil
 from ..models.calligrapher import FillConditioning
 from ..rewards.base import RewardItem, parse_reward_weights
@@ -108,11 +109,11 @@ def rollout_batch(trainer, rl_epoch: int, batch_index: int):
     """
     cfg, acc = trainer.cfg, trainer.accelerator
     k, m, n = cfg.rl_num_images_per_prompt, trainer.global_batch // cfg.rl_num_images_per_prompt, len(trainer.dataset)
-    first = (rl_epoch * cfg.rl_num_batches_per_epoch + batch_index) * m
-    indices = []
-    for g in range(first, first + m):
-        order = torch.randperm(n, generator=keyed_generator(cfg.seed, 7, g // n)).tolist()
-        indices.append(order[g % n])
+    # Passes over the data, each a keyed permutation cut into batches of m records of one canvas size.
+    per_pass = buckets.batches_per_order(trainer.canvas_sizes, n, m)
+    passes, j = divmod(rl_epoch * cfg.rl_num_batches_per_epoch + batch_index, per_pass)
+    order = torch.randperm(n, generator=keyed_generator(cfg.seed, 7, passes)).tolist()
+    indices = buckets.same_size_batches(order, trainer.canvas_sizes, m)[j]
     global_images = [indices[j // k] for j in range(trainer.global_batch)]
     lo = acc.process_index * cfg.train_batch_size
     mine = list(range(lo, lo + cfg.train_batch_size))
@@ -293,9 +294,9 @@ def _evaluate_weights(trainer, ctx: RLContext, prefix: str, params: dict | None)
     cfg, acc, ds = trainer.cfg, trainer.accelerator, trainer.eval_dataset
     steps = cfg.rl_eval_num_inference_steps or cfg.rl_num_inference_steps
     mine = list(range(acc.process_index, len(ds), acc.num_processes))
+    sizes = [ds.canvas_size(i) for i in range(len(ds))]
     results, shown = [], []
-    for start in range(0, len(mine), cfg.train_batch_size):
-        idx = mine[start:start + cfg.train_batch_size]
+    for idx in buckets.size_groups(mine, sizes, cfg.train_batch_size):
         batch = collate_samples([ds[i] for i in idx])
         cond = trainer.condition(batch, cfg.rl_guidance_scale)
         sigmas = trainer.model.sigmas(steps, cond.cond_latents.shape[1])
