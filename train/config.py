@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import argparse
 import math
-from dataclasses import MISSING, asdict, dataclass, field, fields
+import tempfile
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 
@@ -258,6 +259,18 @@ def validate(cfg: TrainConfig) -> list[str]:
         p.append(f"--max_sequence_length {cfg.max_sequence_length} exceeds T5's 512 tokens")
     if cfg.learning_rate <= 0:
         p.append(f"--learning_rate must be positive, got {cfg.learning_rate}")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(cfg, name) < 1:
+            p.append(f"--{name} must be in [0, 1), got {getattr(cfg, name)}")
+    if cfg.adam_epsilon <= 0:
+        p.append(f"--adam_epsilon must be positive, got {cfg.adam_epsilon}")
+    non_negative = ("adam_weight_decay", "max_grad_norm", "lr_warmup_steps", "dataloader_num_workers", "guidance_scale")
+    for name in non_negative:
+        if getattr(cfg, name) < 0:
+            p.append(f"--{name} must be >= 0, got {getattr(cfg, name)}")
+    for name in ("output_dir", "prompt_cache_dir"):
+        if getattr(cfg, name):
+            p.extend(_check_writable_dir(f"--{name}", Path(getattr(cfg, name))))
     if cfg.checkpoints_total_limit is not None and cfg.checkpoints_total_limit < 1:
         p.append("--checkpoints_total_limit must be at least 1")
     if not 0 < cfg.ema_decay < 1:
@@ -280,7 +293,38 @@ def validate(cfg: TrainConfig) -> list[str]:
         p.extend(_check_8bit_adam())
     if cfg.use_rl:
         p.extend(_check_rl(cfg))
+    else:
+        p.extend(f"--{name} applies only with --use_rl" for name in _given(cfg, RL_ONLY))
     return p
+
+
+RL_ONLY = ("rl_", "nft_", "reward_")  # prefixes of the flags that only the RL phase reads
+GRPO_ONLY = ("rl_noise_level", "rl_grpo_clip_range")
+NFT_ONLY = ("nft_",)
+
+
+def _given(cfg: TrainConfig, prefixes: tuple[str, ...]) -> list[str]:
+    """The flags named by ``prefixes`` whose value differs from their default (as resolved for this ``cfg``)."""
+    names = [f.name for f in fields(TrainConfig) if f.name.startswith(prefixes)]
+    default = resolve_defaults(replace(cfg, **{f.name: f.default for f in fields(TrainConfig) if f.name in names}))
+    return [n for n in names if getattr(cfg, n) != getattr(default, n)]
+
+
+def _check_writable_dir(flag: str, path: Path) -> list[str]:
+    """A folder that is (or can be created) where files can be written; checked before anything is loaded."""
+    if path.exists() and not path.is_dir():
+        return [f"{flag} {path} is a file, not a folder"]
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        return [f"{flag} {path} cannot be created: {existing} is a file"]
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        return [f"{flag} {path} is not writable ({exc.strerror or type(exc).__name__} in {existing})"]
+    return []
 
 
 def sde_window_range(cfg: TrainConfig) -> tuple[int, int] | None:
@@ -322,9 +366,10 @@ def _check_rl(cfg: TrainConfig) -> list[str]:
         p.append(f"--rl_adv_clip_max must be positive, got {cfg.rl_adv_clip_max}")
     if cfg.rl_kl_beta is not None and cfg.rl_kl_beta < 0:
         p.append(f"--rl_kl_beta must be >= 0, got {cfg.rl_kl_beta}")
-    if cfg.rl_learning_rate is not None and cfg.rl_learning_rate <= 0:
+    if cfg.rl_learning_rate is not None and cfg.rl_learning_rate <= 0 and cfg.rl_learning_rate != cfg.learning_rate:
         p.append(f"--rl_learning_rate must be positive, got {cfg.rl_learning_rate}")
-    if cfg.rl_adam_weight_decay is not None and cfg.rl_adam_weight_decay < 0:
+    if (cfg.rl_adam_weight_decay is not None and cfg.rl_adam_weight_decay < 0
+            and cfg.rl_adam_weight_decay != cfg.adam_weight_decay):  # inherited: reported once, for the flag given
         p.append(f"--rl_adam_weight_decay must be >= 0, got {cfg.rl_adam_weight_decay}")
     if cfg.rl_guidance_scale is not None and cfg.rl_guidance_scale < 0:
         p.append(f"--rl_guidance_scale must be >= 0, got {cfg.rl_guidance_scale}")
@@ -350,7 +395,9 @@ def _check_rl(cfg: TrainConfig) -> list[str]:
                                       default_range=default_window_range(cfg)))
         except ValueError as exc:
             p.append(str(exc))
+        p.extend(f"--{name} applies to NFT only (--rl_method nft)" for name in _given(cfg, NFT_ONLY))
     else:
+        p.extend(f"--{name} applies to GRPO only (--rl_method grpo)" for name in _given(cfg, GRPO_ONLY))
         if not 0 < cfg.nft_beta <= 1:
             p.append(f"--nft_beta must be in (0, 1], got {cfg.nft_beta}")
         if cfg.rl_grpo_guard:

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from pathlib import Path
 
 from train.config import build_parser, parse_args, validate
 from train.train import main
@@ -138,3 +139,58 @@ def test_dataset_smaller_than_a_global_batch(tiny_models, tmp_path, capsys):
     data = synthesize(tmp_path / "data", num=2, resolution=64)
     assert main(tiny_train_args(tiny_models, data, tmp_path / "o", 1, train_batch_size=4)) == 2
     assert "fewer than one global batch" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["learning_rate", "masked_loss_weight", "guidance_scale", "rl_noise_level",
+                                  "rl_grpo_clip_range", "rl_kl_beta", "rl_guidance_scale", "rl_adv_clip_max",
+                                  "max_grad_norm"])
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_every_float_flag_must_be_finite(capsys, good_args, flag, value):
+    errs = _errors(capsys, good_args + ["--use_rl", "--rl_warmup_steps", "0", f"--{flag}={value}"])
+    assert f"error: --{flag} must be a finite number, got {float(value)}" in errs
+
+
+def test_out_of_range_numbers_are_one_line_each_at_start_up(capsys, good_args):
+    errs = _errors(capsys, good_args + ["--adam_beta1", "1.5", "--adam_beta2", "-0.1", "--adam_epsilon", "-1",
+                                        "--adam_weight_decay", "-3", "--dataloader_num_workers", "-1",
+                                        "--max_grad_norm", "-1", "--lr_warmup_steps", "-2", "--guidance_scale", "-1"])
+    assert errs == ["error: --adam_beta1 must be in [0, 1), got 1.5", "error: --adam_beta2 must be in [0, 1), got -0.1",
+                    "error: --adam_epsilon must be positive, got -1.0",
+                    "error: --adam_weight_decay must be >= 0, got -3.0", "error: --max_grad_norm must be >= 0, got -1.0",
+                    "error: --lr_warmup_steps must be >= 0, got -2", "error: --dataloader_num_workers must be >= 0, got -1",
+                    "error: --guidance_scale must be >= 0, got -1.0"]
+
+
+def test_output_and_cache_folders_must_be_writable_folders(capsys, good_args, tmp_path):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    args = [a for a in good_args]
+    args[args.index("--output_dir") + 1] = str(a_file)
+    errs = _errors(capsys, args + ["--prompt_cache_dir", str(a_file / "cache")])
+    assert errs == [f"error: --output_dir {a_file} is a file, not a folder",
+                    f"error: --prompt_cache_dir {a_file / 'cache'} cannot be created: {a_file} is a file"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_read_only_output_folder_is_refused(capsys, good_args, tmp_path):
+    """A read-only file system (root ignores permission bits, not a read-only mount)."""
+    ro = Path("/proc/self")  # procfs refuses new files to everyone
+    args = [a for a in good_args]
+    args[args.index("--output_dir") + 1] = str(ro / "run")
+    errs = _errors(capsys, args)
+    assert len(errs) == 1 and errs[0].startswith(f"error: --output_dir {ro / 'run'} is not writable")
+
+
+def test_rl_flags_need_use_rl_and_method_flags_their_method(capsys, good_args):
+    errs = _errors(capsys, good_args + ["--rl_kl_beta", "0.3", "--reward_weights", "contrast=1", "--nft_beta", "0.2"])
+    assert errs == ["error: --rl_kl_beta applies only with --use_rl", "error: --nft_beta applies only with --use_rl",
+                    "error: --reward_weights applies only with --use_rl"]
+    rl = ["--use_rl", "--rl_warmup_steps", "0"]
+    assert _errors(capsys, good_args + rl + ["--rl_method", "nft", "--rl_noise_level", "0.5",
+                                             "--rl_grpo_clip_range", "1e-4"]) == [
+        "error: --rl_grpo_clip_range applies to GRPO only (--rl_method grpo)",
+        "error: --rl_noise_level applies to GRPO only (--rl_method grpo)"]
+    assert _errors(capsys, good_args + rl + ["--nft_decay_type", "2"]) == [
+        "error: --nft_decay_type applies to NFT only (--rl_method nft)"]
+    # a value equal to its default is no conflict, nor is the default that follows another flag
+    assert not validate(parse_args(good_args + ["--rl_guidance_scale", "7", "--guidance_scale", "7"]))
