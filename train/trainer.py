@@ -274,6 +274,7 @@ class Trainer:
             self.ema = EMA(adapter.named_parameters(), cfg.ema_decay, cfg.ema_update_interval, ema_device)
 
         self._resume(resume_path)
+        ckpt.begin_run(acc, out, resume_path)
         self.monitor = RunMonitor(acc, out, cfg.to_dict(), cfg.report_to, cfg.max_train_steps, self.global_step)
         for note in self._notes:
             self.monitor.line(note)
@@ -440,6 +441,10 @@ class Trainer:
             raise ConfigError(f"{path} was written with a global batch of {state['global_batch']}, this run has "
                              f"{self.global_batch}: the data position cannot be continued exactly")
         self.global_step, self.epoch, self.position = state["global_step"], state["epoch"], state["position"]
+        if self.accelerator.is_main_process:
+            from .rl_logic.rollout import trim_eval_log
+
+            trim_eval_log(self.cfg.output_dir, len(self.rl.evals))
         self.guard.load_state_dict(state.get("step_guard"))
         saved = self.rl.saved_copies
         if saved:
@@ -558,7 +563,7 @@ class Trainer:
                           f"{self._skip_reason} ({guard.consecutive} in a row, {guard.skipped} in all)")
         self.log({"train/skipped_steps": float(guard.skipped)})
         if guard.consecutive >= cfg.max_consecutive_skips:
-            newest = ckpt.latest_checkpoint(cfg.output_dir)
+            newest = ckpt.latest_resumable(cfg.output_dir, cfg.use_ema)
             kept = f"the newest checkpoint {newest} is intact" if newest else "no checkpoint was written yet"
             raise RunStopped(f"{guard.consecutive} optimizer steps in a row were skipped at global_step "
                              f"{self.global_step} (last: {self._skip_reason}); the run diverged and stops here. "

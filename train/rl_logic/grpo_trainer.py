@@ -24,7 +24,7 @@ from ..models.calligrapher import FillConditioning
 from ..rl_ip.grpo_utils import grpo_guard_terms, grpo_loss
 from ..rl_ip.sampling import choose_train_steps, sde_step_with_logprob, sde_window
 from .rollout import (RolloutBatch, collect_rewards, decode, end_of_epoch, image_generators, keyed_generator,
-                      reward_items, rollout_batch, sample_trajectory, start_rl, step_metrics)
+                      rollout_batch, sample_trajectory, start_rl, step_metrics, submit_rewards)
 
 GRPO_METRICS = ("loss", "policy_loss", "kl", "approx_kl", "clipfrac", "ratio_mean")  # averaged per optimizer step
 GUARD_METRICS = ("raw_ratio_mean", "guard_weight_mean")  # also, with --rl_grpo_guard
@@ -49,8 +49,8 @@ def train_grpo(trainer, end: int) -> None:
                 traj = sample_trajectory(trainer, cond, image_generators(cfg, epoch, b, image_keys), sigmas,
                                          stochastic=range(lo, hi), noise_level=cfg.rl_noise_level,
                                          sde_type=cfg.rl_sde_type, token_weights=tokens, keep_means=cfg.rl_grpo_guard)
-                items = reward_items(batch, decode(trainer, traj.final, cond), f"e{epoch}b{b}", image_keys)
-                futures.append((ctx.reward_fn.submit(items), items))
+                futures.append(submit_rewards(ctx.reward_fn, batch, decode(trainer, traj.final, cond),
+                                              f"e{epoch}b{b}", image_keys))
                 batches.append(RolloutBatch(cond, sigmas, [b * trainer.global_batch + j for j in image_keys], tokens,
                                             traj))
                 group_keys.append(keys)

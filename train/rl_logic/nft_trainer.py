@@ -27,7 +27,7 @@ from ..models.calligrapher import FillConditioning
 from ..rl_ip.sampling import nft_train_steps
 from .nft_forward import nft_decay, nft_loss
 from .rollout import (RolloutBatch, collect_rewards, decode, end_of_epoch, image_generators, keyed_generator,
-                      reward_items, rollout_batch, sample_trajectory, start_rl, step_metrics)
+                      rollout_batch, sample_trajectory, start_rl, step_metrics, submit_rewards)
 
 NFT_METRICS = ("loss", "policy_loss", "kl", "old_deviate", "r_mean", "loss_pos", "loss_neg")  # averaged per optimizer step
 
@@ -48,8 +48,8 @@ def train_nft(trainer, end: int) -> None:
                 sigmas = trainer.model.sigmas(cfg.rl_num_inference_steps, cond.cond_latents.shape[1])
                 traj = sample_trajectory(trainer, cond, image_generators(cfg, epoch, b, image_keys), sigmas,
                                          params=old)
-                items = reward_items(batch, decode(trainer, traj.final, cond), f"e{epoch}b{b}", image_keys)
-                futures.append((ctx.reward_fn.submit(items), items))
+                futures.append(submit_rewards(ctx.reward_fn, batch, decode(trainer, traj.final, cond),
+                                              f"e{epoch}b{b}", image_keys))
                 batches.append(RolloutBatch(cond, sigmas, [b * trainer.global_batch + j for j in image_keys],
                                             trainer.rl_tokens(batch).to(cond.cond_latents.device), traj))
                 group_keys.append(keys)

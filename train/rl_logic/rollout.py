@@ -27,7 +27,8 @@ from .. import checkpointing as ckpt
 from ..data import buckets
 from ..data.preprocess import collate_samples, tensor_to_pil
 from ..models.calligrapher import FillConditioning
-from ..rewards.base import RewardItem, parse_reward_weights
+from ..models.checkpoint_io import atomic_write_text
+from ..rewards.base import RewardItem, RewardResult, parse_reward_weights
 from ..rl_ip.param_copy import ParamCopy, copy_dtypes
 from ..rl_ip.reward import RewardError, build_reward_fn
 from ..rl_ip.sampling import sde_step_with_logprob
@@ -200,6 +201,30 @@ def reward_items(batch, pixels: torch.Tensor, tag: str, image_keys: list[int]) -
     return items
 
 
+NONFINITE = "the generated image holds NaN/Inf pixels (the sampler diverged), so it was not scored"
+
+
+class PendingRewards:
+    """The rewards of one batch's items, scored in the background; an item whose generated pixels are not all
+    finite is never sent (it would be scored as the black image it turns into) and fails instead."""
+
+    def __init__(self, reward_fn, items: list[RewardItem], finite: list[bool]):
+        self.items, self.finite = items, finite
+        sent = [item for item, ok in zip(items, finite) if ok]
+        self._future = reward_fn.submit(sent) if sent else None
+
+    def result(self) -> list[RewardResult]:
+        scored = iter(self._future.result() if self._future is not None else [])
+        return [next(scored) if ok else RewardResult(item.id, None, error=NONFINITE)
+                for item, ok in zip(self.items, self.finite)]
+
+
+def submit_rewards(reward_fn, batch, pixels: torch.Tensor, tag: str, image_keys: list[int]):
+    """Start scoring a batch's generated canvases ``[B, 3, H, W]``: ``(PendingRewards, items)``."""
+    items = reward_items(batch, pixels, tag, image_keys)
+    return PendingRewards(reward_fn, items, torch.isfinite(pixels.flatten(1)).all(1).tolist()), items
+
+
 def decode(trainer, latents: torch.Tensor, cond: FillConditioning) -> torch.Tensor:
     return trainer.model.decode_latents(latents.to(trainer.model.dtype), cond.latent_size).float().cpu()
 
@@ -277,11 +302,22 @@ def evaluate_heldout(trainer, ctx: RLContext, train_reward: float = math.nan) ->
     out["timing/eval_s"] = time.perf_counter() - t0
     trainer.log(out)
     trainer.rl.evals.append([trainer.rl.epoch, out[heldout_metric(trainer)], train_reward])
-    if acc.is_main_process:
-        line = {"global_step": trainer.global_step, "rl_epoch": trainer.rl.epoch, **out}
-        with (Path(cfg.output_dir) / "eval_rewards.jsonl").open("a", encoding="utf-8") as f:
-            f.write(json.dumps(line) + "\n")
+    if acc.is_main_process:  # one row per entry of rl.evals, so a resume can cut the file back to its checkpoint
+        line = {"global_step": trainer.global_step, "rl_epoch": trainer.rl.epoch,
+                **{k: v if math.isfinite(v) else None for k, v in out.items()}}
+        with (Path(cfg.output_dir) / EVAL_LOG).open("a", encoding="utf-8") as f:
+            f.write(json.dumps(line, allow_nan=False) + "\n")
     return out
+
+
+def trim_eval_log(output_dir, rows: int) -> None:
+    """Keep the first ``rows`` rows of ``eval_rewards.jsonl``: the evaluations the checkpoint a run resumes from
+    had recorded; the later ones belong to the interrupted attempt and are evaluated again."""
+    path = Path(output_dir) / EVAL_LOG
+    if path.is_file():
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        if len(lines) > rows:
+            atomic_write_text(path, "".join(lines[:rows]))
 
 
 def heldout_metric(trainer) -> str:
@@ -302,14 +338,20 @@ def _evaluate_weights(trainer, ctx: RLContext, prefix: str, params: dict | None)
         sigmas = trainer.model.sigmas(steps, cond.cond_latents.shape[1])
         traj = sample_trajectory(trainer, cond, [keyed_generator(cfg.seed, 13, i) for i in idx], sigmas,
                                  params=params)
-        items = reward_items(batch, decode(trainer, traj.final, cond), prefix, idx)
-        scored = ctx.eval_reward_fn(items)
+        pending, items = submit_rewards(ctx.eval_reward_fn, batch, decode(trainer, traj.final, cond), prefix, idx)
+        scored = pending.result()
         results.extend(scored)
         shown.extend(zip(items, scored))
     from accelerate.utils import gather_object
 
     rows = gather_object([[r.reward if r.ok else None, dict(r.scores)] for r in results])
     rewards = [r for r, _ in rows if r is not None]
+    failed = len(rows) - len(rewards)
+    if failed and (failed > cfg.reward_failure_budget * len(rows) or not rewards):
+        first = next((f"{r.id}: {r.error}" for r in results if not r.ok), "on another process")
+        raise RewardError(f"{failed}/{len(rows)} held-out rewards ({prefix}/) failed at global_step "
+                          f"{trainer.global_step} (allowed fraction {cfg.reward_failure_budget:g}); first error: "
+                          f"{first[:300]}")
     out = {f"{prefix}/reward_mean": sum(rewards) / len(rewards) if rewards else math.nan,
            f"{prefix}/failed": float(len(rows) - len(rewards))}
     for name in ctx.eval_weights:
@@ -385,6 +427,7 @@ def log_image_grid(trainer, pairs, tag: str = "rollouts", limit: int = 8) -> Non
     trainer.monitor.image(f"images/{tag}", grid, trainer.global_step)
 
 
+EVAL_LOG = "eval_rewards.jsonl"  # one JSON row per held-out evaluation
 CLIP_IDLE_EPOCHS = 10  # GRPO epochs in a row with train/clipfrac 0 before the log says the clip never binds
 
 
