@@ -20,7 +20,7 @@ def main(argv=None) -> int:
     from .config import ConfigError
     from .data.dataset import DatasetError
     from .models.checkpoint_io import AdapterFileError
-    from .trainer import RunStopped, Trainer
+    from .trainer import TERMINATED, RunStopped, Trainer
 
     from .rl_ip.reward import RewardError
 
@@ -40,11 +40,15 @@ def main(argv=None) -> int:
     try:
         trainer.run()
     except RewardError as exc:  # nothing half-done was written: the newest checkpoint resumes exactly
-        print(f"error: rewards could not be computed: {exc}. The newest checkpoint in {cfg.output_dir} is intact; "
-              "fix the reward service and continue with --resume_from_checkpoint latest", file=sys.stderr)
+        from .checkpointing import latest_resumable
+
+        newest = latest_resumable(cfg.output_dir, cfg.use_ema)
+        kept = f"The newest checkpoint {newest} is intact" if newest else f"No checkpoint was written in {cfg.output_dir}"
+        print(f"error: rewards could not be computed: {exc}. {kept}; fix the reward service and continue with "
+              "--resume_from_checkpoint latest", file=sys.stderr)
         return 3
-    except RunStopped as exc:  # diverged (exit 4) or stopped on the held-out alarm (exit 0); checkpoints intact
-        print(f"{'error' if exc.exit_code else 'stopped'}: {exc}", file=sys.stderr)
+    except RunStopped as exc:  # diverged (exit 4), the held-out alarm (exit 0), SIGTERM (143); checkpoints intact
+        print(f"{'stopped' if exc.exit_code in (0, TERMINATED) else 'error'}: {exc}", file=sys.stderr)
         return exc.exit_code
     return 0
 

@@ -24,7 +24,10 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import statistics
+import sys
+import threading
 import time
 from collections import deque
 from pathlib import Path
@@ -57,6 +60,9 @@ def sample_generator(seed: int, epoch: int, position: int) -> torch.Generator:
 # Gradients as views into DDP's communication buckets: without it every process holds a second fp32
 # copy of the gradients (11.2 GiB at full size). ``train.plan`` reads this setting.
 DDP_KWARGS = DistributedDataParallelKwargs(gradient_as_bucket_view=True)
+
+
+TERMINATED = 128 + signal.SIGTERM  # exit status of a run stopped by SIGTERM (after its checkpoint)
 
 
 class RunStopped(Exception):
@@ -216,6 +222,8 @@ class Trainer:
         self.step_skipped = False  # whether the last synchronising micro-batch skipped its optimizer step
         self._loss_bad: torch.Tensor | None = None  # non-finite loss since the last optimizer step (on the device)
         self._skip_reason = ""
+        self._terminated = False  # SIGTERM received
+        self._saved: tuple[int | None, Path | None] = (None, None)  # (global_step, folder) of the last checkpoint
 
     # ------------------------------------------------------------------ set-up
     def setup(self) -> None:
@@ -356,8 +364,8 @@ class Trainer:
 
         weights = [cfg.reward_weights] + ([cfg.rl_eval_reward_weights] if cfg.rl_eval_reward_weights else [])
         for spec in weights:
-            with RemoteReward(cfg.reward_server_url, spec, rank=acc.process_index,
-                              world_size=acc.num_processes) as probe:
+            with RemoteReward(cfg.reward_server_url, spec, rank=acc.process_index, world_size=acc.num_processes,
+                              timeout=cfg.reward_timeout) as probe:
                 probe.wait_healthy()
 
     def _check_distributed_setup(self) -> None:
@@ -483,7 +491,8 @@ class Trainer:
         """Batches (with their sample keys) continuing exactly where the run stands; workers optional."""
         dataset = _KeyedSamples(self.dataset)
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=self._rank_batches(self.epoch, self.position),
-                                             collate_fn=_collate_keyed, num_workers=self.cfg.dataloader_num_workers)
+                                             collate_fn=_collate_keyed, num_workers=self.cfg.dataloader_num_workers,
+                                             worker_init_fn=_die_with_parent)
         for batch, keys in loader:
             if self.position >= self.batches_per_epoch:
                 self.epoch, self.position = self.epoch + 1, 0
@@ -599,7 +608,22 @@ class Trainer:
         if self.global_step % cfg.checkpointing_steps == 0 or self.global_step == cfg.max_train_steps:
             self._checkpoint_due = True
         if checkpoint_now:
-            self.maybe_checkpoint()
+            self.checkpoint_or_stop()
+
+    def checkpoint_or_stop(self) -> Path | None:
+        """At a point a resume continues exactly from: write a due checkpoint; after a SIGTERM (every process
+        agreeing on the step) write one in any case and stop the run."""
+        terminated = self._terminated
+        if self.accelerator.num_processes > 1:
+            flag = torch.tensor([float(terminated)], device=self.accelerator.device)
+            terminated = bool(self.accelerator.gather(flag).max() > 0)
+        if terminated and self._saved[0] != self.global_step:
+            self.request_checkpoint()
+        path = self.maybe_checkpoint() or self._saved[1]
+        if terminated:
+            raise RunStopped(f"SIGTERM: stopped at global_step {self.global_step} after writing {path}; continue "
+                             f"with --resume_from_checkpoint latest", exit_code=TERMINATED)
+        return path
 
     def log(self, metrics: dict[str, float]) -> None:
         self.history.append((self.global_step, dict(metrics)))
@@ -625,6 +649,9 @@ class Trainer:
         cfg = self.cfg
         end = cfg.max_train_steps if stop_at is None else min(stop_at, cfg.max_train_steps)
         warmup_end = cfg.rl_warmup_steps if cfg.use_rl else cfg.max_train_steps
+        previous = None
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         try:
             if self.global_step >= cfg.max_train_steps:
                 self.monitor.line(f"nothing to do: global_step {self.global_step} has reached --max_train_steps "
@@ -641,7 +668,15 @@ class Trainer:
                     from .rl_logic.nft_trainer import train_nft as rl_loop
                 rl_loop(self, end)
         finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
             self.close()
+
+    def _on_sigterm(self, signum, frame) -> None:
+        # only a flag: the loop stops at its next resumable point (checkpoint_or_stop)
+        if not self._terminated:
+            print("SIGTERM received: the run stops after a checkpoint at its next resumable point", file=sys.stderr)
+        self._terminated = True
 
     def close(self) -> None:
         if self.monitor is not None:
@@ -657,6 +692,7 @@ class Trainer:
                                     ema=self.ema, total_limit=self.cfg.checkpoints_total_limit,
                                     config=self.cfg.to_dict())
         self.monitor.line(f"saved {path}")
+        self._saved = (self.global_step, path)
         return path
 
 
@@ -672,6 +708,17 @@ class _KeyedSamples(torch.utils.data.Dataset):
     def __getitem__(self, key):
         index, epoch, position = key
         return self.dataset[index], (epoch, position)
+
+
+def _die_with_parent(worker_id: int) -> None:
+    """A DataLoader worker gets SIGKILL when the trainer dies, however it dies (Linux ``PR_SET_PDEATHSIG``)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: torch's own watchdog still ends idle workers
+        pass
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a SIGTERM to the process group ends workers at once
 
 
 def _collate_keyed(items):

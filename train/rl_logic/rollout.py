@@ -77,7 +77,8 @@ def start_rl(trainer, with_old: bool) -> RLContext:
         rl.old = ParamCopy(trainer.adapter, dtypes["old"])
     weights = parse_reward_weights(cfg.reward_weights)
     eval_weights = parse_reward_weights(cfg.rl_eval_reward_weights or cfg.reward_weights)
-    common = dict(siglip_path=cfg.siglip_path, rank=acc.process_index, world_size=acc.num_processes)
+    common = dict(siglip_path=cfg.siglip_path, rank=acc.process_index, world_size=acc.num_processes,
+                  timeout=cfg.reward_timeout, retries=cfg.reward_retries)
     reward_fn = build_reward_fn(cfg.reward_server_url, weights, **common)
     eval_fn = None
     if trainer.eval_dataset is not None:
@@ -460,6 +461,7 @@ def end_of_epoch(trainer, ctx: RLContext, metrics: dict[str, float], rewards: Ep
     path = trainer.maybe_checkpoint()
     if best and path is not None:
         record_best(trainer, path, out)
+    trainer.checkpoint_or_stop()  # the end of an epoch is where an RL run resumes exactly
     if warning is not None and cfg.rl_stop_on_divergence:
         from ..trainer import RunStopped
 
