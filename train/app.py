@@ -28,14 +28,15 @@ os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported: n
 
 import argparse  # noqa: E402
 import hmac  # noqa: E402
+import io  # noqa: E402
 import ipaddress  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from train.app_engine import (Engine, InputError, check_inputs, editor_source, example_rows, open_upload,  # noqa: E402
-                              painted_mask)
+from train.app_engine import (Engine, InputError, Limits, check_header, check_inputs, editor_source,  # noqa: E402
+                              example_rows, open_upload, painted_mask)
 from train.infer import add_model_args, check_common_args, quiet_loading  # noqa: E402
 
 TOKEN_ENV = "CALLIGRAPHER_APP_TOKEN"
@@ -191,9 +192,12 @@ def _float(value, name: str) -> float:
     return v
 
 
-def _checked(component, gr, what: str):
-    """``component`` (gr.Image / gr.ImageEditor) whose unreadable uploads give one clear message in the page."""
+def _checked(component, gr, what: str, limits: Limits | None = None):
+    """``component`` (gr.Image / gr.ImageEditor) whose unreadable or too large uploads give one clear
+    message in the page; a too large image is refused from its header, before Gradio decodes it."""
     from PIL import Image, UnidentifiedImageError
+
+    limits = limits or Limits()
 
     class Checked(component):
         is_template = True  # the browser draws it as its base component (its props come from the base __init__)
@@ -204,6 +208,14 @@ def _checked(component, gr, what: str):
             except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
                 raise gr.Error(f"the {what} is not a readable image ({type(exc).__name__})",
                                print_exception=False) from None
+
+        def convert_and_format_image(self, file, *args, **kwargs):  # gr.ImageEditor decodes each of its images here
+            try:
+                if file is not None:
+                    check_header(file.path if hasattr(file, "path") else io.BytesIO(file), what, limits)
+            except InputError as exc:
+                raise gr.Error(str(exc), print_exception=False) from None
+            return super().convert_and_format_image(file, *args, **kwargs)
 
     # Gradio tells component classes apart by name (and module): one name per kind of upload.
     Checked.__name__ = Checked.__qualname__ = f"Checked{component.__name__}_{what.replace(' ', '_')}"
@@ -216,8 +228,8 @@ def build_app(args, engine: Engine | None = None):
 
     engine = engine or build_engine(args)
     examples = example_rows(args.examples, args.resolution, args.max_examples) if args.examples else []
-    Editor = _checked(gr.ImageEditor, gr, "source image")
-    MaskUpload, RefUpload = _checked(gr.Image, gr, "mask image"), _checked(gr.Image, gr, "reference image")
+    Editor = _checked(gr.ImageEditor, gr, "source image", engine.limits)
+    MaskUpload, RefUpload = (_checked(gr.Image, gr, what, engine.limits) for what in ("mask image", "reference image"))
     with gr.Blocks(title="Calligrapher", analytics_enabled=False) as demo:
         gr.Markdown("## Calligrapher: paint a region, type a text, compare adapters")
         with gr.Row():
@@ -262,7 +274,9 @@ def build_app(args, engine: Engine | None = None):
 def launch(demo, args, **kwargs):
     """Serve ``demo`` as the flags say (host, port, token, upload limit); extra ``launch`` keywords pass on."""
     token = args.token
-    auth = (lambda _user, password: hmac.compare_digest(str(password), token)) if token else None
+    # Bytes, not str: compare_digest refuses non-ASCII strings. surrogatepass: a token from a non-UTF-8 argv.
+    auth = (lambda _user, password: hmac.compare_digest(str(password).encode("utf-8", "surrogatepass"),
+                                                        token.encode("utf-8", "surrogatepass"))) if token else None
     return demo.queue(default_concurrency_limit=1).launch(
         server_name=args.host, server_port=args.port, auth=auth, max_file_size=args.max_file_size,
         auth_message="Enter any user name and the app's token." if token else None,

@@ -69,11 +69,22 @@ def open_upload(path, what: str, mode: str, limits: Limits) -> Image.Image | Non
     """Decode an uploaded file with ``train.infer``'s reader (``open_image``), or raise ``InputError``."""
     if path is None:
         return None
+    check_header(path, what, limits)
     try:
-        with Image.open(path) as img:  # the header only: a too large image is refused before decoding
-            check_size(img, what, limits)
         return open_image(Path(path), mode)
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
+        raise InputError(f"the {what} is not a readable image ({type(exc).__name__})") from None
+
+
+def check_header(file, what: str, limits: Limits) -> None:
+    """Refuse an image file (path or binary file) whose header is unreadable or names a side above the
+    limit, with ``InputError``; only the header is read (``Image.open`` decodes nothing yet)."""
+    try:
+        with Image.open(file) as img:
+            check_size(img, what, limits)
+    except Image.DecompressionBombError as exc:
+        raise InputError(f"the {what} is too large: {exc}") from None
+    except (UnidentifiedImageError, OSError) as exc:
         raise InputError(f"the {what} is not a readable image ({type(exc).__name__})") from None
 
 

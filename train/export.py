@@ -5,20 +5,23 @@
     python -m train.export --checkpoint calligrapher.bin --layout ours --out ip-adapter.bin
 
 ``--checkpoint`` is a ``checkpoint-N`` folder (``ip-adapter.bin``, or ``ip-adapter-ema.bin``
-with ``--ema``) or a weight file in either layout. The written file is read back and compared
-tensor by tensor before the command reports success.
+with ``--ema``) or a weight file in either layout. Weights holding NaN or inf are refused. The
+export never writes into a training checkpoint folder (a resume would load the file as the run's
+own weights) and replaces an existing ``--out`` only with ``--overwrite``. The written file is
+read back and compared tensor by tensor before the command reports success.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
 import torch
 
-from train.models.checkpoint_io import AdapterFileError, read_adapter_file, save_adapter_file
+from train.models.checkpoint_io import AdapterFileError, check_finite, read_adapter_file, save_adapter_file
 
 LIVE_FILE, EMA_FILE = "ip-adapter.bin", "ip-adapter-ema.bin"
 
@@ -65,17 +68,43 @@ def same_weights(a: dict, b: dict) -> bool:
         for p in a)
 
 
-def export(checkpoint: str | Path, out: str | Path, ema: bool = False, layout: str = "official") -> dict:
-    """Read ``checkpoint`` (either layout), write ``out`` in ``layout``, verify the round trip."""
+def checkpoint_folder(folder: Path) -> bool:
+    """``folder`` is (or is being written as) a training checkpoint: named ``checkpoint-N`` or holding its state."""
+    from train.checkpointing import MODEL_FILE, OPTIMIZER_FILE, STATE_FILE
+
+    return bool(re.fullmatch(r"\.?checkpoint-\d+(\.partial|\.old)?", folder.name)) or \
+        any((folder / name).exists() for name in (STATE_FILE, MODEL_FILE, OPTIMIZER_FILE))
+
+
+def out_problem(out: Path, source: Path, overwrite: bool) -> str | None:
+    """Why ``out`` must not be written (a folder, a checkpoint's file, an existing file), or None."""
+    if out.is_dir():
+        return f"--out {out} is a folder; give a file name such as {out / 'calligrapher.bin'}"
+    folder = out.absolute().parent.resolve()
+    if checkpoint_folder(folder):
+        return f"--out {out} lies in the training checkpoint {folder}; write the export outside checkpoint folders"
+    if out.exists() and out.resolve() == source.resolve():
+        return f"--out {out} would overwrite the checkpoint it reads"
+    if out.exists() and not overwrite:
+        return f"--out {out} already exists; pass --overwrite to replace it"
+    return None
+
+
+def export(checkpoint: str | Path, out: str | Path, ema: bool = False, layout: str = "official",
+           overwrite: bool = False) -> dict:
+    """Read ``checkpoint`` (either layout), write ``out`` in ``layout``, verify the round trip.
+
+    An existing ``out`` is replaced only with ``overwrite``; a checkpoint folder is never written.
+    """
     from train.cli_flags import split_ema
 
     source = resolve_adapter_file(*split_ema(str(checkpoint), ema))
-    state = read_adapter_file(source)
     out = Path(out)
-    if out.is_dir():
-        raise ValueError(f"--out {out} is a folder; give a file name such as {out / 'calligrapher.bin'}")
-    if out.resolve() == source.resolve():
-        raise ValueError(f"--out {out} would overwrite the checkpoint it reads")
+    problem = out_problem(out, source, overwrite)
+    if problem:
+        raise ValueError(problem)
+    state = read_adapter_file(source)
+    check_finite(state, str(source))
     save_adapter_file(state, out, layout=layout)
     if not same_weights(state, read_adapter_file(out)):
         raise RuntimeError(f"{out} does not read back to the same weights as {source}")
@@ -89,12 +118,14 @@ def main(argv=None) -> int:
                         help="checkpoint-N folder or adapter weight file; append @ema for the folder's ip-adapter-ema.bin")
     parser.add_argument("--ema", action="store_true", help="export ip-adapter-ema.bin of the checkpoint folder")
     parser.add_argument("--out", required=True, help="file to write, e.g. calligrapher.bin")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace --out if it exists (never a file in a training checkpoint folder)")
     parser.add_argument("--layout", choices=("official", "ours"), default="official",
                         help="official: {image_proj_mlp, image_proj_qformer, attn_adapter} for the official "
                              "inference code; ours: {image_proj, ip_adapter} like ip-adapter.bin")
     args = parser.parse_args(argv)
     try:
-        info = export(args.checkpoint, args.out, args.ema, args.layout)
+        info = export(args.checkpoint, args.out, args.ema, args.layout, args.overwrite)
     except (AdapterFileError, ValueError, RuntimeError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -31,7 +31,8 @@ from train.export import describe, resolve_adapter_file
 from train.data.prompt_limits import TruncationNotes, quiet_truncation
 from train.models.adapter import StyleAdapter
 from train.models.calligrapher import Calligrapher
-from train.models.checkpoint_io import AdapterFileError, atomic_write, atomic_write_text, load_adapter_state, read_adapter_file
+from train.models.checkpoint_io import (AdapterFileError, atomic_write, atomic_write_text, check_finite,
+                                       load_adapter_state, read_adapter_file)
 
 # Extensions --output accepts (lossless PNG is what the tools write), and the PIL format of each.
 OUTPUT_EXTENSIONS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP",
@@ -56,13 +57,15 @@ def resolve_device_dtype(device: str | None, dtype: str) -> tuple[str, torch.dty
 
 
 def read_adapter(path: str | Path, ema: bool = False, num_tokens: int | None = None) -> tuple[dict, Path, dict]:
-    """``(state in our layout, file, geometry)``; raises if ``num_tokens`` disagrees with the file.
+    """``(state in our layout, file, geometry)``; raises if ``num_tokens`` disagrees with the file
+    or a weight is NaN or inf (it would paint NaN images).
 
     ``path`` may end in ``@ema`` (the folder's ``ip-adapter-ema.bin``).
     """
     path, ema = split_ema(str(path), ema)
     file = resolve_adapter_file(path, ema)
     state = read_adapter_file(file)
+    check_finite(state, str(file))
     info = describe(state)
     if num_tokens is not None and num_tokens != info["num_tokens"]:
         raise AdapterFileError(f"{file} has {info['num_tokens']} style tokens but --num_tokens is {num_tokens}; "

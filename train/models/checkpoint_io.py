@@ -130,6 +130,16 @@ def read_adapter_file(path: str | os.PathLike) -> dict:
     return normalize_layout(raw, str(path))
 
 
+def check_finite(state: dict, source: str = "adapter file") -> None:
+    """Raise naming the first tensor of ``state`` (our layout) that holds NaN or inf: such weights give NaN images."""
+    for part, sd in state.items():
+        for key, tensor in sd.items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                nan, inf = int(torch.isnan(tensor).sum()), int(torch.isinf(tensor).sum())
+                raise AdapterFileError(f"{source}: tensor '{part}.{key}' holds {nan} NaN and {inf} inf values; "
+                                       "the weights are unusable (take an earlier checkpoint)")
+
+
 def check_compatible(adapter, state: dict, source: str = "adapter file") -> None:
     """Raise one error listing every missing key, unexpected key and shape mismatch."""
     adapter = getattr(adapter, "module", adapter)

@@ -254,6 +254,38 @@ def test_unreadable_upload_is_refused_by_the_component_with_a_message():
         component.preprocess(FileData(path=__file__, orig_name="mask.png"))
 
 
+def _png_header(path, width: int, height: int):
+    """A PNG whose header says ``width`` x ``height`` and that holds no pixel data: decoding it fails."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def test_a_too_large_source_is_refused_from_its_header_before_decoding(tmp_path):
+    """The editor's upload says 12000x12000 in its header and has no pixels: the size message (not
+    "not readable") proves the side is checked before Gradio decodes the image, for a file and a blob."""
+    import gradio as gr
+    from gradio.components.image_editor import EditorData
+    from gradio.data_classes import FileData
+
+    header = _png_header(tmp_path / "huge.png", 12000, 12000)
+    editor = app._checked(gr.ImageEditor, gr, "source image", app.Limits(max_image_side=4096))(type="pil")
+    message = "the source image is 12000x12000; the largest side allowed is 4096 pixels"
+    with pytest.raises(gr.Error, match=message):
+        editor.preprocess(EditorData(background=FileData(path=str(header), orig_name="huge.png"), layers=[]))
+    with pytest.raises(gr.Error, match=message):
+        editor.convert_and_format_image(header.read_bytes())
+    Image.new("RGB", (4096, 8)).save(tmp_path / "wide.png")  # at the limit: decoded as before
+    value = editor.preprocess(EditorData(background=FileData(path=str(tmp_path / "wide.png")), layers=[]))
+    assert value["background"].size == (4096, 8)
+
+
 # ---------------------------------------------------------------------------- flags
 def test_help_lists_the_flags(capsys):
     with pytest.raises(SystemExit) as exc:
@@ -305,6 +337,22 @@ def test_an_adapter_that_does_not_fit_the_first_is_refused_at_start(tiny_models,
     assert err.startswith("error: ") and "four-tokens.bin (compared with" in err and "shape mismatch" in err
 
 
+def test_an_adapter_with_non_finite_weights_is_refused_at_start(files, tmp_path, capsys):
+    """One line naming the file and the tensor, before the base model loads (its folders do not exist)."""
+    from train.models.checkpoint_io import read_adapter_file
+
+    state = read_adapter_file(files["b"] / "ip-adapter.bin")
+    key = next(iter(state["image_proj"]))
+    state["image_proj"][key] = torch.full_like(state["image_proj"][key], float("nan"))
+    save_adapter_file(state, tmp_path / "nan.bin")
+    argv = ["--pretrained_model_name_or_path", str(tmp_path / "no-flux"), "--siglip_path", str(tmp_path / "no-siglip"),
+            "--ip_adapter_path", str(files["a"]), "--ip_adapter_path", str(tmp_path / "nan.bin"),
+            "--scorers", "background", *FAST]
+    assert app.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path / 'nan.bin'}: tensor 'image_proj.{key}' holds ") and err.count("\n") == 1
+
+
 # ---------------------------------------------------------------------------- served over HTTP
 def _free_port() -> int:
     with socket.socket() as s:
@@ -333,6 +381,35 @@ def test_the_token_guards_every_route(served):
         assert client.post("/gradio_api/queue/join", json={}).status_code == 401
         assert client.post("/login", data={"username": "me", "password": "wrong"}).status_code == 400
         assert client.post("/login", data={"username": "me", "password": "s3cret"}).status_code == 200
+        assert client.get("/config").status_code == 200
+
+
+def test_a_too_large_source_uploaded_to_the_server_gets_the_size_message(served, tmp_path, monkeypatch):
+    """Through the running server (upload, then the Generate event on the queue): the header-only PNG of
+    12000x12000 comes back as the size message, and nothing leaves loopback."""
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
+
+    args, engine = served
+    header = _png_header(tmp_path / "huge.png", 12000, 12000)
+    with _outbound_audit(monkeypatch) as contacted, _serving(argparse_copy(args), engine) as url:
+        client = Client(url, verbose=False, download_files=False)
+        with pytest.raises(AppError, match="the source image is 12000x12000; the largest side allowed is 4096"):
+            client.predict({"background": handle_file(str(header)), "layers": [], "composite": None}, None, None,
+                           "Hello", 0, 2, 30.0, 1.0, api_name="/run")
+    assert not sorted({h for h in contacted if h not in LOOPBACK})
+
+
+def test_a_non_ascii_token_logs_in(served):
+    """The login compares UTF-8 bytes: a non-ASCII token or password is checked, never a server error."""
+    import httpx
+
+    args, engine = served
+    with _serving(argparse_copy(args), engine, token="pässwörd-字") as url, httpx.Client(base_url=url) as client:
+        for wrong in ("passwort", "pässwort", "pässwörd-字x"):
+            assert client.post("/login", data={"username": "me", "password": wrong}).status_code == 400, wrong
+        assert client.get("/config").status_code == 401
+        assert client.post("/login", data={"username": "me", "password": "pässwörd-字"}).status_code == 200
         assert client.get("/config").status_code == 200
 
 

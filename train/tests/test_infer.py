@@ -207,6 +207,63 @@ def test_export_to_a_folder_is_one_line(checkpoint, tmp_path, capsys):
     assert err.startswith(f"error: --out {tmp_path} is a folder; give a file name such as ") and err.count("\n") == 1
 
 
+def test_export_replaces_an_existing_out_only_with_overwrite(checkpoint, tmp_path, capsys):
+    out = tmp_path / "calligrapher.bin"
+    assert export.main(["--checkpoint", str(checkpoint), "--out", str(out)]) == 0
+    live = out.read_bytes()
+    capsys.readouterr()
+    assert export.main(["--checkpoint", str(checkpoint), "--ema", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: --out {out} already exists; pass --overwrite to replace it\n"
+    assert out.read_bytes() == live
+    assert export.main(["--checkpoint", str(checkpoint), "--ema", "--out", str(out), "--overwrite"]) == 0
+    assert export.same_weights(read_adapter_file(out), read_adapter_file(checkpoint / "ip-adapter-ema.bin"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calligrapher.bin"]  # no temporary file left
+
+
+def test_export_never_writes_into_a_checkpoint_folder(checkpoint, tmp_path, capsys, monkeypatch):
+    """Not even with --overwrite: a resume would take the exported file for the run's own weights. A checkpoint
+    folder is one named checkpoint-N or one holding training state; a relative or symlinked --out counts too."""
+    stateful = tmp_path / "best"
+    stateful.mkdir()
+    (stateful / "trainer_state.json").write_text("{}")
+    (tmp_path / "link").symlink_to(checkpoint)
+    before = {p.name: p.read_bytes() for p in checkpoint.iterdir()}
+    cases = [checkpoint / "ip-adapter-ema.bin", checkpoint / "calligrapher.bin", stateful / "calligrapher.bin",
+             tmp_path / "link" / "calligrapher.bin", "calligrapher.bin"]
+    monkeypatch.chdir(checkpoint)
+    for out in cases:
+        capsys.readouterr()
+        assert export.main(["--checkpoint", str(checkpoint), "--out", str(out), "--overwrite"]) == 2, out
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --out {out} lies in the training checkpoint ") and err.count("\n") == 1, err
+    assert {p.name: p.read_bytes() for p in checkpoint.iterdir()} == before
+    assert sorted(p.name for p in stateful.iterdir()) == ["trainer_state.json"]
+
+
+def test_non_finite_weights_are_refused_naming_file_and_tensor(tiny_models, checkpoint, dataset, tmp_path, capsys):
+    """infer and export stop with one line naming the file and the first tensor holding inf or NaN,
+    before any model loads (the model folders here do not exist) and without writing anything."""
+    state = read_adapter_file(checkpoint / "ip-adapter.bin")
+    state = {p: {k: v.clone() for k, v in part.items()} for p, part in state.items()}
+    keys = list(state["ip_adapter"])
+    state["ip_adapter"][keys[1]].view(-1)[:2] = float("inf")
+    state["ip_adapter"][keys[3]].view(-1)[0] = float("nan")
+    bad = tmp_path / "run" / "checkpoint-3" / "ip-adapter.bin"
+    save_adapter_file(state, bad)
+    message = f"error: {bad}: tensor 'ip_adapter.{keys[1]}' holds 0 NaN and 2 inf values"
+    out = tmp_path / "calligrapher.bin"
+    assert export.main(["--checkpoint", str(bad.parent), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1 and keys[3] not in err
+    argv = ["--pretrained_model_name_or_path", str(tmp_path / "no-model"), "--siglip_path", str(tmp_path / "no-siglip"),
+            "--ip_adapter_path", str(bad.parent), *_one_sample(dataset, tmp_path, tmp_path / "o.png"), *FAST]
+    assert infer.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1
+    assert not out.exists() and not (tmp_path / "o.png").exists()
+
+
 def test_export_read_back_compares_values(checkpoint):
     state = read_adapter_file(checkpoint / "ip-adapter.bin")
     assert export.same_weights(state, read_adapter_file(checkpoint / "ip-adapter.bin"))
