@@ -455,6 +455,11 @@ class Trainer:
             trim_eval_log(self.cfg.output_dir, len(self.rl.evals))
         self.guard.load_state_dict(state.get("step_guard"))
         saved = self.rl.saved_copies
+        if self.rl.start_step is not None and self.cfg.rl_kl_beta > 0 and not (saved or {}).get("ref"):
+            raise ConfigError(f"--rl_kl_beta {self.cfg.rl_kl_beta:g}: the RL phase of {path} ran with --rl_kl_beta 0, "
+                              f"so it kept no RL-start reference for the KL to anchor to (one made now would anchor "
+                              f"it at global_step {self.global_step}); resume with --rl_kl_beta 0, or start a new run "
+                              f"from its weights (--initial_ip_adapter_path {path}/ip-adapter.bin)")
         if saved:
             from .rl_ip.param_copy import ParamCopy, copy_dtypes
 

@@ -94,6 +94,16 @@ def start_rl(trainer, with_old: bool) -> RLContext:
                          + ("a fresh optimizer" if fresh else "the checkpoint's RL optimizer")
                          + f" at --rl_learning_rate {cfg.rl_learning_rate:g}, weight decay "
                          f"{cfg.rl_adam_weight_decay:g}, a {cfg.lr_scheduler} schedule from RL start")
+    per_epoch = cfg.rl_num_inner_epochs * cfg.rl_num_batches_per_epoch // cfg.gradient_accumulation_steps
+    if (trainer.global_step - rl.start_step) % per_epoch:
+        trainer.monitor.line(f"note: this run continues from global_step {trainer.global_step}, inside RL epoch "
+                             f"{rl.epoch - 1} (an earlier --max_train_steps ended it early): its remaining "
+                             f"optimizer steps are not taken, so the run differs from one that was never stopped")
+    if (cfg.max_train_steps - rl.start_step) % per_epoch:
+        trainer.monitor.line(f"note: --max_train_steps {cfg.max_train_steps} ends inside an RL epoch ({per_epoch} "
+                             f"optimizer steps each from RL start at global_step {rl.start_step}); a run extended "
+                             f"from its last checkpoint differs from a straight run. For an exact extension end at "
+                             f"{rl.start_step} + a multiple of {per_epoch}")
     if fresh:
         out = evaluate_heldout(trainer, ctx)
         if out is not None and watch_heldout(trainer)[0]:
