@@ -33,15 +33,17 @@ class TrainConfig:
     train_data_json: str | None = opt(None, "Training data: a .json list, a .jsonl file, or a benchmark-layout "
                                             "folder (self_bench.txt + test{N}_{source,mask,ref}.png).", required=True)
     output_dir: str | None = opt(None, "Where checkpoints, logs/ (TensorBoard) and train_log.txt go.", required=True)
-    resolution: int = opt(512, "Side of the square the source is resized and centre-cropped to (multiple of 16).")
+    resolution: int = opt(512, "Side of the square the source (and mask) is resized to, aspect ratio not kept, as the "
+                                 "official inference does (multiple of 16).")
     no_reference_strip: bool = opt(False, "Do not paste the reference above the source as an in-context strip.")
     reference_strip_height: int = opt(0, "Fixed height (multiple of 16) of the reference strip. 0 = the official "
                                          "rule (follows each reference's aspect ratio), which batches only "
                                          "references of one aspect ratio.")
     max_sequence_length: int = opt(512, "T5 prompt length in tokens (FLUX.1-Fill uses 512).")
     num_tokens: int = opt(128, "Style tokens produced by the image projection (the released adapter uses 128).")
-    initial_ip_adapter_path: str | None = opt(None, "Start from these adapter weights (ip-adapter.bin or the official "
-                                                    "calligrapher.bin layout).")
+    initial_ip_adapter_path: str | None = opt(None, "Start from these adapter weights: a file (ip-adapter.bin or the "
+                                                    "official calligrapher.bin layout) or a checkpoint-N folder "
+                                                    "(FOLDER@ema for its ip-adapter-ema.bin).")
     offload_text_encoder_two: bool = opt(False, "Keep the text encoders (T5 is ~9.5 GB in bf16) on the CPU and fill "
                                                 "the prompt-embedding cache there; they are freed afterwards either way.")
     prompt_cache_dir: str | None = opt(None, "Disk cache of prompt embeddings (default OUTPUT_DIR/prompt_cache).")
@@ -167,6 +169,9 @@ class TrainConfig:
     reward_weights: str = opt("ocr=0.7,style=0.2,background=0.1", "Weights of the reward scorers.")
     reward_failure_budget: float = opt(0.0, "Fraction of an epoch's samples whose reward may fail; they are dropped "
                                             "from the advantages. Above it the step fails (0 = any failure fails).")
+    reward_timeout: float = opt(60.0, "Seconds one reward request may take in all (connect, send, score, reply).")
+    reward_retries: int = opt(3, "Extra attempts for a failed reward request, each sent to every reward server "
+                                 "at once after a backoff.")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -239,8 +244,11 @@ def validate(cfg: TrainConfig) -> list[str]:
             p.append(f"--{name} {v} is not a folder")
     if cfg.train_data_json and not Path(cfg.train_data_json).exists():
         p.append(f"--train_data_json {cfg.train_data_json} does not exist")
-    if cfg.initial_ip_adapter_path and not Path(cfg.initial_ip_adapter_path).is_file():
-        p.append(f"--initial_ip_adapter_path {cfg.initial_ip_adapter_path} is not a file")
+    if cfg.initial_ip_adapter_path:
+        try:
+            initial_adapter_file(cfg)
+        except ValueError as exc:
+            p.append(f"--initial_ip_adapter_path: {exc}")
     if cfg.resume_from_checkpoint not in (None, "latest") and not Path(cfg.resume_from_checkpoint).is_dir():
         p.append(f"--resume_from_checkpoint {cfg.resume_from_checkpoint} is not a checkpoint folder (or 'latest')")
     if cfg.resolution <= 0 or cfg.resolution % 16:
@@ -279,6 +287,17 @@ def validate(cfg: TrainConfig) -> list[str]:
         p.append(f"--rl_timestep_fraction must be in (0, 1], got {cfg.rl_timestep_fraction}")
     if not 0 <= cfg.reward_failure_budget < 1:
         p.append(f"--reward_failure_budget must be in [0, 1), got {cfg.reward_failure_budget}")
+    if cfg.reward_timeout <= 0:
+        p.append(f"--reward_timeout must be > 0, got {cfg.reward_timeout}")
+    if cfg.reward_retries < 0:
+        p.append(f"--reward_retries must be >= 0, got {cfg.reward_retries}")
+    if cfg.reward_server_url:
+        from .rl_ip.reward import parse_server_urls
+
+        try:
+            parse_server_urls(cfg.reward_server_url)
+        except ValueError as exc:
+            p.append(f"--reward_server_url: {exc}")
     if cfg.masked_loss_weight < 0:
         p.append("--masked_loss_weight must be non-negative")
     if cfg.max_grad_norm_skip < 0 or (0 < cfg.max_grad_norm_skip <= 1):
@@ -325,6 +344,15 @@ def _check_writable_dir(flag: str, path: Path) -> list[str]:
     except OSError as exc:
         return [f"{flag} {path} is not writable ({exc.strerror or type(exc).__name__} in {existing})"]
     return []
+
+
+def initial_adapter_file(cfg: TrainConfig) -> Path:
+    """The weight file ``--initial_ip_adapter_path`` names: a file, or a ``checkpoint-N`` folder's ip-adapter.bin
+    (``FOLDER@ema``: its ip-adapter-ema.bin), as the inference tools read it. Raises ValueError."""
+    from .cli_flags import split_ema
+    from .export import resolve_adapter_file
+
+    return resolve_adapter_file(*split_ema(cfg.initial_ip_adapter_path))
 
 
 def sde_window_range(cfg: TrainConfig) -> tuple[int, int] | None:

@@ -37,7 +37,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
 from . import checkpointing as ckpt
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, TrainConfig, initial_adapter_file
 from .data import buckets
 from .data.dataset import CalligraphyDataset, load_records
 from .data.preprocess import collate_samples
@@ -254,7 +254,7 @@ class Trainer:
             device=acc.device, text_encoder_device="cpu" if cfg.offload_text_encoder_two else None,
         )
         if cfg.initial_ip_adapter_path:
-            load_adapter_file(self.model.adapter, cfg.initial_ip_adapter_path)
+            load_adapter_file(self.model.adapter, initial_adapter_file(cfg))
         if cfg.gradient_checkpointing:
             self.model.transformer.enable_gradient_checkpointing()
         self.eval_dataset = None

@@ -194,3 +194,26 @@ def test_rl_flags_need_use_rl_and_method_flags_their_method(capsys, good_args):
         "error: --nft_decay_type applies to NFT only (--rl_method nft)"]
     # a value equal to its default is no conflict, nor is the default that follows another flag
     assert not validate(parse_args(good_args + ["--rl_guidance_scale", "7", "--guidance_scale", "7"]))
+
+
+def test_initial_adapter_may_be_a_checkpoint_folder(tiny_models, tmp_path, capsys):
+    from train.data.synthesize import synthesize
+    from train.tests.train_helpers import adapter_weights, assert_weights_equal, tiny_train_args
+    from train.trainer import Trainer
+
+    data = synthesize(tmp_path / "d", num=2, resolution=64, seed=0)
+    assert main(tiny_train_args(tiny_models, data, tmp_path / "first", 1, use_ema=True, ema_decay=0.5)) == 0
+    folder = tmp_path / "first" / "checkpoint-1"
+    for spec, name in ((folder, "ip-adapter.bin"), (f"{folder}@ema", "ip-adapter-ema.bin")):
+        trainer = Trainer(parse_args(tiny_train_args(tiny_models, data, tmp_path / f"from-{name}", 1,
+                                                     initial_ip_adapter_path=spec)))
+        trainer.setup()
+        state = trainer.model.adapter.state_dict()
+        expected = adapter_weights(folder / name)
+        assert_weights_equal({k: state[k].float() for k in expected}, expected)
+        trainer.close()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    errs = _errors(capsys, tiny_train_args(tiny_models, data, tmp_path / "x", 1, initial_ip_adapter_path=empty))
+    assert errs == [f"error: --initial_ip_adapter_path: {empty} has no ip-adapter.bin; pass a checkpoint-N folder "
+                    "or a weight file"]
