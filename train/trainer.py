@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
+from safetensors import SafetensorError
 
 from . import checkpointing as ckpt
 from .config import ConfigError, TrainConfig, initial_adapter_file
@@ -62,6 +63,7 @@ def sample_generator(seed: int, epoch: int, position: int) -> torch.Generator:
 DDP_KWARGS = DistributedDataParallelKwargs(gradient_as_bucket_view=True)
 
 
+WRITE_FAILED = 5  # exit status of a run whose checkpoint could not be written
 TERMINATED = 128 + signal.SIGTERM  # exit status of a run stopped by SIGTERM (after its checkpoint)
 
 
@@ -693,9 +695,18 @@ class Trainer:
                  "global_batch": self.global_batch, "num_processes": self.accelerator.num_processes,
                  "phase": "rl" if self.rl.start_step is not None else "supervised", "rl_epoch": self.rl.epoch,
                  "step_guard": self.guard.state_dict()}
-        path = ckpt.save_checkpoint(self.accelerator, self.cfg.output_dir, self.global_step, self.adapter, state,
-                                    ema=self.ema, total_limit=self.cfg.checkpoints_total_limit,
-                                    config=self.cfg.to_dict())
+        try:
+            path = ckpt.save_checkpoint(self.accelerator, self.cfg.output_dir, self.global_step, self.adapter, state,
+                                        ema=self.ema, total_limit=self.cfg.checkpoints_total_limit,
+                                        config=self.cfg.to_dict())
+        except (OSError, SafetensorError) as exc:  # disk full, quota, a vanished mount: earlier checkpoints are intact
+            newest = ckpt.latest_checkpoint(self.cfg.output_dir)
+            reason = f"{exc.strerror} ({exc.filename})" if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise RunStopped(f"could not write the checkpoint of global_step {self.global_step} in "
+                             f"{self.cfg.output_dir}: {reason}; "
+                             + (f"the newest checkpoint {newest} is intact: make room and continue with "
+                                f"--resume_from_checkpoint latest" if newest else "no checkpoint was written yet"),
+                             exit_code=WRITE_FAILED) from None
         self.monitor.line(f"saved {path}")
         self._saved = (self.global_step, path)
         return path

@@ -92,3 +92,32 @@ def test_sigterm_checkpoints_at_the_next_resumable_point_and_the_resume_equals_a
     assert main(rl_args(tiny_models, data, straight, step + 2, **flags)) == 0
     assert_weights_equal(adapter_weights(out / f"checkpoint-{step + 2}" / "ip-adapter.bin"),
                          adapter_weights(straight / f"checkpoint-{step + 2}" / "ip-adapter.bin"))
+
+
+def _limit_file_size(limit: int):
+    def apply():
+        import resource
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an over-long write fails with EFBIG instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def test_a_checkpoint_that_cannot_be_written_stops_the_run_in_one_line_and_keeps_the_last(tiny_models, data,
+                                                                                         tmp_path):
+    """The OS refuses files above 300 KiB (RLIMIT_FSIZE; the optimizer state is ~750 KiB), as a full disk
+    refuses the next write: checkpoint-1 is written with room to spare, then the limit bites."""
+    out = tmp_path / "run"
+    assert main(tiny_train_args(tiny_models, data, out, 1)) == 0
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    res = subprocess.run([sys.executable, "-m", "train.train",
+                          *tiny_train_args(tiny_models, data, out, 2, resume_from_checkpoint="latest")],
+                         cwd=REPO, env=env, text=True, capture_output=True, timeout=300,
+                         preexec_fn=_limit_file_size(300 << 10))
+    assert res.returncode == 5, res.stderr[-3000:]
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "could not write the checkpoint of global_step 2" in errors[0], res.stderr[-2000:]
+    assert "File too large" in errors[0] and f"{out / 'checkpoint-1'} is intact" in errors[0]
+    assert "Traceback" not in res.stderr
+    assert latest_checkpoint(out) == out / "checkpoint-1" and not (out / "checkpoint-2").exists()
+    assert main(tiny_train_args(tiny_models, data, out, 2, resume_from_checkpoint="latest")) == 0
