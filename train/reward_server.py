@@ -1,12 +1,13 @@
 """HTTP reward server (SPEC §10): batched scoring of generated images, JSON only.
 
     python -m train.reward_server --host 127.0.0.1 --port 8000 --scorers ocr,style,background \\
-        --siglip_path /models/siglip-so400m-patch14-384 [--token SECRET]
+        --siglip_path /models/siglip-so400m-patch14-384 [--token_file /run/secrets/reward_token]
 
-The wire format is ``train.rewards.schema``. ``GET /health`` -> ``Health`` (scorers, version,
-device, limits). ``POST /score`` takes ``{"items": [{"id", "image", "text", "mask"?, "reference"?,
-"source"?}], "weights"?: {...}}`` (images as base64 PNG; masks white where text goes) and returns
-``{"results": [{"id", "reward", "scores", "details", "error"}]}`` in request order.
+The wire format is ``train.rewards.schema``. ``GET /health`` -> ``Health`` (scorers, protocol
+version, each scorer's model identity, device, limits). ``POST /score`` takes ``{"items": [{"id",
+"image", "text", "mask"?, "reference"?, "source"?}], "weights"?: {...}}`` (images as base64 PNG;
+masks white where text goes) and returns ``{"results": [{"id", "reward", "scores", "details",
+"error"}]}`` in request order.
 With ``weights`` only the named scorers run and ``reward`` is their weighted sum; without,
 every loaded scorer runs and ``reward`` is their mean. An item that cannot be scored (corrupt
 image, a scorer error) has ``reward: null`` and a one-line ``error``; other items are unaffected.
@@ -14,17 +15,23 @@ image, a scorer error) has ``reward: null`` and a one-line ``error``; other item
 Limits (413 with the reason): more than ``--max_items`` items, an image above ``--max_pixels``,
 images that together decode to more than ``--max_request_pixels`` (read from the PNG headers,
 before anything is decoded), a body above ``--max_body_mb``. Malformed JSON or a schema
-violation -> 422; a missing or wrong token -> 401. Memory: besides the request bodies being
-read, the worker holds at most one batch of ``--max_request_pixels`` decoded pixels (4 bytes
-each at most) plus one full image being cropped, and the decoded images items share (mask, reference,
-source: ``--image_cache_mb``, LRU); only the images the requested scorers read are decoded. Tracebacks go to the server's log, never into a reply.
+violation -> 422; a missing or wrong token -> 401. Slow or stalled clients: a request head must
+arrive within ``--header_timeout`` seconds of connecting (or of the previous reply on a kept-alive
+connection) and a body within ``--body_timeout`` (408), else the connection is closed; requests
+arriving while ``--max_connections`` connections are open get 503, as does a body that would take
+the bodies being received, all requests together, above ``--max_inflight_body_mb``. Memory: besides
+those request bodies, the worker holds at most one batch of ``--max_request_pixels`` decoded pixels
+(4 bytes each at most) plus one full image being cropped, and the decoded images items share (mask,
+reference, source: ``--image_cache_mb``, LRU); only the images the requested scorers read are
+decoded. Tracebacks go to the server's log, never into a reply.
 
 Requests are parsed on the event loop; one worker thread decodes and scores, grouping
 concurrent requests into a single call per scorer. Decoding there rather than in a thread
 pool keeps threads from fighting over the GIL.
 
 The start event (one JSON line on stdout) is printed once the port is bound and the server
-accepts connections; a port already in use is one line on stderr and exit status 3.
+accepts connections; a port already in use is one line on stderr and exit status 3. Bad flags, and
+an address other machines can reach without a token, are refused (one line, exit status 2).
 """
 
 from __future__ import annotations
@@ -43,10 +50,12 @@ import time
 from concurrent.futures import Future
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from train.rewards.base import (API_VERSION, CROP_ONLY_SCORERS, SCORER_INPUTS, SCORER_NAMES, ItemScore, RewardItem,
                                 RewardResult, Scorer, combine_item, crop_window, describe_exception,
@@ -58,6 +67,12 @@ from train.rewards.schema import (DEFAULT_MAX_BODY_MB, DEFAULT_MAX_ITEMS, DEFAUL
 
 EXIT_PORT_BUSY = 3
 DEFAULT_IMAGE_CACHE_MB = 256.0
+DEFAULT_HEADER_TIMEOUT = 10.0
+DEFAULT_BODY_TIMEOUT = 60.0
+DEFAULT_MAX_CONNECTIONS = 512
+DEFAULT_MAX_INFLIGHT_BODY_MB = 4 * DEFAULT_MAX_BODY_MB
+TOKEN_ENV = "REWARD_SERVER_TOKEN"
+CLOSE = {"connection": "close"}  # on replies sent before the body is read: the client stops sending it
 
 
 @dataclass
@@ -203,7 +218,8 @@ def _bearer_matches(header: str, token: str) -> bool:
 def create_app(scorers: dict[str, Scorer], token: str | None = None, max_items: int = DEFAULT_MAX_ITEMS,
                max_pixels: int = DEFAULT_MAX_PIXELS, max_body_mb: float = DEFAULT_MAX_BODY_MB,
                batch_window_ms: float = 5.0, max_batch_items: int | None = None, device: str | None = None,
-               max_request_pixels: int = DEFAULT_MAX_REQUEST_PIXELS, image_cache_mb: float = DEFAULT_IMAGE_CACHE_MB):
+               max_request_pixels: int = DEFAULT_MAX_REQUEST_PIXELS, image_cache_mb: float = DEFAULT_IMAGE_CACHE_MB,
+               body_timeout: float = DEFAULT_BODY_TIMEOUT, max_inflight_body_mb: float = DEFAULT_MAX_INFLIGHT_BODY_MB):
     """The FastAPI app; see the module docstring for the protocol.
 
     With a ``token`` the interactive docs and the OpenAPI schema are not served.
@@ -212,10 +228,13 @@ def create_app(scorers: dict[str, Scorer], token: str | None = None, max_items: 
         raise ValueError("the reward server needs at least one scorer")
     if max_request_pixels < max_pixels:
         raise ValueError(f"max_request_pixels ({max_request_pixels}) must be >= max_pixels ({max_pixels})")
+    if max_inflight_body_mb < max_body_mb:
+        raise ValueError(f"max_inflight_body_mb ({max_inflight_body_mb:g}) must be >= max_body_mb ({max_body_mb:g})")
     device = device or next((s.device for s in scorers.values() if s.device != "cpu"), "cpu")
     batcher = Batcher(scorers, max_batch_items or max(max_items, 1), batch_window_ms / 1000.0, max_pixels,
                       max_request_pixels, int(image_cache_mb * 2**20))
-    max_body = int(max_body_mb * 1024 * 1024)
+    max_body, max_inflight = int(max_body_mb * 2**20), int(max_inflight_body_mb * 2**20)
+    models = {name: scorer.identity for name, scorer in scorers.items()}
 
     @asynccontextmanager
     async def lifespan(app):
@@ -234,9 +253,35 @@ def create_app(scorers: dict[str, Scorer], token: str | None = None, max_items: 
     @app.get("/health")
     def health(request: Request):
         check_token(request)
-        return Health(status="ok", scorers=list(scorers), version=API_VERSION, device=device, max_items=max_items,
-                      max_pixels=max_pixels, max_request_pixels=max_request_pixels,
+        return Health(status="ok", scorers=list(scorers), version=API_VERSION, models=models, device=device,
+                      max_items=max_items, max_pixels=max_pixels, max_request_pixels=max_request_pixels,
                       max_body_bytes=max_body).model_dump()
+
+    receiving = 0  # bytes of request bodies being received, all requests together
+
+    async def read_body(request: Request) -> bytearray:
+        """The body, within ``max_body`` bytes, ``body_timeout`` seconds and the shared ``max_inflight`` bytes."""
+        nonlocal receiving
+        body = bytearray()
+
+        async def receive() -> None:
+            nonlocal receiving
+            async for chunk in request.stream():
+                if len(body) + len(chunk) > max_body:
+                    raise HTTPException(413, f"request body is above the limit of {max_body} bytes", CLOSE)
+                if receiving + len(chunk) > max_inflight:
+                    raise HTTPException(503, f"the server is receiving {receiving} bytes of request bodies, near "
+                                             f"its limit of {max_inflight}; retry later", CLOSE)
+                body.extend(chunk)
+                receiving += len(chunk)
+
+        try:
+            await asyncio.wait_for(receive(), body_timeout)
+        except asyncio.TimeoutError:
+            raise HTTPException(408, f"request body not received within {body_timeout:g}s", CLOSE) from None
+        finally:
+            receiving -= len(body)
+        return body
 
     def plan(req: ScoreRequest) -> Job:
         """Check a parsed request against the limits (413/422) and turn it into a job."""
@@ -282,12 +327,8 @@ def create_app(scorers: dict[str, Scorer], token: str | None = None, max_items: 
             raise HTTPException(415, "POST /score takes application/json")
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > max_body:
-            raise HTTPException(413, f"request body is {declared} bytes, above the limit of {max_body}")
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > max_body:
-                raise HTTPException(413, f"request body is above the limit of {max_body} bytes")
+            raise HTTPException(413, f"request body is {declared} bytes, above the limit of {max_body}", CLOSE)
+        body = await read_body(request)
         batcher.arriving(+1)
         try:
             job = plan(parse_score_request(body))
@@ -301,6 +342,69 @@ def create_app(scorers: dict[str, Scorer], token: str | None = None, max_items: 
         return JSONResponse({"results": [result_json(r) for r in results]})
 
     return app
+
+
+class HeadDeadlineProtocol(H11Protocol):
+    """uvicorn's h11 protocol plus a deadline on each request head: a connection that has not sent a
+    whole request head ``header_timeout`` seconds after it opened, or after its previous reply, is
+    closed. (uvicorn alone waits for a partial head forever: its keep-alive timer stops at the first byte.)"""
+
+    header_timeout = DEFAULT_HEADER_TIMEOUT
+    _deadline: asyncio.TimerHandle | None = None
+
+    def _watch(self) -> None:
+        idle = self.cycle is None or self.cycle.response_complete  # no request of this connection is being served
+        if idle and self._deadline is None:
+            self._deadline = self.loop.call_later(self.header_timeout, self._expire)
+        elif not idle and self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _expire(self) -> None:
+        self._deadline = None
+        if not self.transport.is_closing():
+            self.transport.close()
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._watch()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        self._watch()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._watch()
+
+    def connection_lost(self, exc) -> None:
+        super().connection_lost(exc)
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+
+def uvicorn_config(app, header_timeout: float = DEFAULT_HEADER_TIMEOUT,
+                   max_connections: int = DEFAULT_MAX_CONNECTIONS, **kw):
+    """uvicorn settings of the reward server: h11 with the request-head deadline, 503 for requests that
+    arrive while ``max_connections`` connections are open, idle kept-alive connections closed after 5 s."""
+    import uvicorn
+
+    protocol = type("RewardServerProtocol", (HeadDeadlineProtocol,), {"header_timeout": header_timeout})
+    return uvicorn.Config(app, http=protocol, limit_concurrency=max_connections, timeout_keep_alive=5, **kw)
+
+
+def _read_token(args) -> tuple[str | None, list[str]]:
+    """The shared secret (``--token`` or ``--token_file``, not both; else ``$REWARD_SERVER_TOKEN``) and the problems."""
+    if args.token_file is None:
+        return args.token or os.environ.get(TOKEN_ENV) or None, []
+    if args.token is not None:
+        return None, ["give --token or --token_file, not both"]
+    try:
+        token = Path(args.token_file).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        return None, [f"--token_file {args.token_file} cannot be read ({getattr(exc, 'strerror', None) or exc})"]
+    return (token, []) if token else (None, [f"--token_file {args.token_file} is empty"])
 
 
 def _is_loopback(host: str) -> bool:
@@ -328,7 +432,8 @@ def _bind(host: str, port: int) -> socket.socket:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="bind address (loopback by default; any other needs a token)")
     parser.add_argument("--port", type=int, default=8000, help="TCP port (0 = any free port, printed at start)")
     parser.add_argument("--scorers", default="ocr,style,background", help=f"comma-separated, from {SCORER_NAMES}")
     parser.add_argument("--siglip_path", default=None, help="SigLIP folder for the style scorer")
@@ -336,15 +441,28 @@ def main(argv=None) -> None:
     parser.add_argument("--vlm_model", default=None, help="model name served at --vlm_url")
     parser.add_argument("--vlm_api_key", default=os.environ.get("VLM_API_KEY"), help="or env VLM_API_KEY")
     parser.add_argument("--device", default="cpu", help="torch device for the style scorer")
-    parser.add_argument("--token", default=os.environ.get("REWARD_SERVER_TOKEN"),
-                        help="shared secret clients send as 'Authorization: Bearer …' (or env REWARD_SERVER_TOKEN); "
-                             "with a token /docs and /openapi.json are off")
+    parser.add_argument("--token_file", default=None,
+                        help=f"file holding the shared secret clients send as 'Authorization: Bearer …' (or env "
+                             f"{TOKEN_ENV}, which training reads too); with a token /docs and /openapi.json are off")
+    parser.add_argument("--token", default=None,
+                        help="the shared secret itself; other users of the machine see it in ps, so prefer "
+                             f"--token_file or {TOKEN_ENV}")
     parser.add_argument("--max_items", type=int, default=DEFAULT_MAX_ITEMS, help="most items per request (413 above)")
     parser.add_argument("--max_pixels", type=int, default=DEFAULT_MAX_PIXELS, help="most pixels per image (413 above)")
     parser.add_argument("--max_request_pixels", type=int, default=DEFAULT_MAX_REQUEST_PIXELS,
                         help="most pixels all decoded images of one request (and of one merged batch) may have "
                              "(413 above); bounds the worker's memory at about 4 bytes per pixel")
     parser.add_argument("--max_body_mb", type=float, default=DEFAULT_MAX_BODY_MB, help="largest request body (413 above)")
+    parser.add_argument("--max_inflight_body_mb", type=float, default=DEFAULT_MAX_INFLIGHT_BODY_MB,
+                        help="most memory the request bodies being received may hold, all requests together "
+                             "(503 above); at least --max_body_mb")
+    parser.add_argument("--header_timeout", type=float, default=DEFAULT_HEADER_TIMEOUT,
+                        help="seconds a connection has to send a whole request head, from its opening or its "
+                             "previous reply; then it is closed")
+    parser.add_argument("--body_timeout", type=float, default=DEFAULT_BODY_TIMEOUT,
+                        help="seconds a request has to send its whole body (408 after)")
+    parser.add_argument("--max_connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
+                        help="requests arriving while this many connections are open get 503")
     parser.add_argument("--image_cache_mb", type=float, default=DEFAULT_IMAGE_CACHE_MB,
                         help="memory for decoded masks, references and sources that items and requests share "
                              "(LRU, keyed by the base64 text; 0 = off)")
@@ -354,13 +472,27 @@ def main(argv=None) -> None:
                         help="CPU threads for torch scorers (default: torch's choice)")
     parser.add_argument("--log_level", default="warning")
     args = parser.parse_args(argv)
-    for flag in ("max_items", "max_pixels", "max_request_pixels"):
+    token, problems = _read_token(args)
+    if not 0 <= args.port <= 65535:
+        problems.append(f"--port must be in 0..65535, got {args.port}")
+    for flag in ("max_items", "max_pixels", "max_request_pixels", "max_connections"):
         if getattr(args, flag) < 1:
-            parser.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+            problems.append(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    for flag in ("max_body_mb", "header_timeout", "body_timeout"):
+        if not 0 < getattr(args, flag) < float("inf"):
+            problems.append(f"--{flag} must be a finite number > 0, got {getattr(args, flag)}")
     if not args.image_cache_mb >= 0:
-        parser.error(f"--image_cache_mb must be >= 0, got {args.image_cache_mb}")
+        problems.append(f"--image_cache_mb must be >= 0, got {args.image_cache_mb}")
     if args.max_request_pixels < args.max_pixels:
-        parser.error(f"--max_request_pixels ({args.max_request_pixels}) must be >= --max_pixels ({args.max_pixels})")
+        problems.append(f"--max_request_pixels ({args.max_request_pixels}) must be >= --max_pixels ({args.max_pixels})")
+    if not args.max_inflight_body_mb >= args.max_body_mb:
+        problems.append(f"--max_inflight_body_mb ({args.max_inflight_body_mb:g}) must be >= --max_body_mb "
+                        f"({args.max_body_mb:g})")
+    if not _is_loopback(args.host) and not token and not any(p.startswith("--token") for p in problems):
+        problems.append(f"--host {args.host} is reachable from other machines: set a shared secret with --token_file "
+                        f"or {TOKEN_ENV}")
+    if problems:
+        parser.error("; ".join(problems))
     if args.torch_threads:
         import torch
 
@@ -373,12 +505,10 @@ def main(argv=None) -> None:
                                 vlm_model=args.vlm_model, device=args.device, vlm_api_key=args.vlm_api_key)
     except ValueError as exc:
         parser.error(str(exc))
-    if not _is_loopback(args.host) and not args.token:
-        print(f"warning: serving on {args.host} without --token; anyone who can reach it can use it",
-              file=sys.stderr)
-    app = create_app(scorers, token=args.token, max_items=args.max_items, max_pixels=args.max_pixels,
+    app = create_app(scorers, token=token, max_items=args.max_items, max_pixels=args.max_pixels,
                      max_request_pixels=args.max_request_pixels, max_body_mb=args.max_body_mb,
-                     batch_window_ms=args.batch_window_ms, device=args.device, image_cache_mb=args.image_cache_mb)
+                     batch_window_ms=args.batch_window_ms, device=args.device, image_cache_mb=args.image_cache_mb,
+                     body_timeout=args.body_timeout, max_inflight_body_mb=args.max_inflight_body_mb)
     try:
         sock = _bind(args.host, args.port)
     except OSError as exc:
@@ -393,9 +523,10 @@ def main(argv=None) -> None:
             await super().startup(sockets)
             if not self.should_exit:  # listening: now clients can connect
                 print(json.dumps({"event": "reward_server_start", "host": args.host, "port": port,
-                                  "scorers": list(scorers)}), flush=True)
+                                  "scorers": list(scorers), "version": API_VERSION}), flush=True)
 
-    config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5)
+    config = uvicorn_config(app, header_timeout=args.header_timeout, max_connections=args.max_connections,
+                            log_level=args.log_level, timeout_graceful_shutdown=5)
     _Server(config).run(sockets=[sock])
 
 

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from PIL import Image
 
-API_VERSION = "1"
+# The reward service's protocol: a client refuses a server whose /health reports another version.
+API_VERSION = "2"
 SCORER_NAMES = ("ocr", "style", "background", "vlm", "contrast")
 # Optional RewardItem images each scorer reads (besides ``image`` and ``text``); clients send only these.
 SCORER_INPUTS = {"ocr": ("mask",), "style": ("mask", "reference"), "background": ("mask", "source"),
@@ -109,6 +110,12 @@ class Scorer:
     name: str = ""
     requires: tuple[str, ...] = ()
     device: str = "cpu"
+
+    @property
+    def identity(self) -> str:
+        """What decides this scorer's scores (model, weights, settings), as ``/health`` reports it: servers
+        that disagree on it would give different rewards for the same image."""
+        return type(self).__name__
 
     def _score_batch(self, items: list[RewardItem]) -> list[ItemScore]:
         raise NotImplementedError

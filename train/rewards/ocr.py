@@ -101,6 +101,13 @@ class OCRScorer(Scorer):
                                             "Det.limit_side_len": 960})
         self._lock = threading.Lock()  # rapidocr engines keep per-call state
 
+    @property
+    def identity(self) -> str:
+        from importlib.metadata import version
+
+        return (f"rapidocr {version('rapidocr')} (detect={self.detect}, min_confidence={self.min_confidence:g}, "
+                f"confident={self.confident:g}, pad={self.pad})")
+
     def _crop(self, item: RewardItem) -> np.ndarray:
         _, (x0, y0, x1, y1) = mask_region(item)
         w, h = item.image.size

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .base import one_line
+from .base import API_VERSION, one_line  # noqa: F401 - the protocol version belongs to the wire format
 
 if TYPE_CHECKING:
     from .base import RewardItem, RewardResult
@@ -71,11 +71,13 @@ class ScoreResponse(BaseModel):
 
 
 class Health(BaseModel):
-    """``GET /health`` reply."""
+    """``GET /health`` reply. ``version`` is the protocol (``API_VERSION``); ``models`` maps each scorer
+    to its ``Scorer.identity``."""
 
     status: str
     scorers: list[str]
     version: str
+    models: dict[str, str]
     device: str
     max_items: int
     max_pixels: int

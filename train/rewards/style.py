@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -92,6 +93,19 @@ class StyleScorer(Scorer):
         self.embedded = 0  # images through SigLIP so far (for tests and logs)
         self.threads = threads or min(4, os.cpu_count() or 1)
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="style-pixels") if self.threads > 1 else None
+        self._folder = Path(siglip_path).name
+
+    @cached_property
+    def identity(self) -> str:
+        """``SigLIP <folder> <digest>``: the digest covers the loaded weights (values and dtype) and the
+        preprocessing, so two servers agree on it exactly when they embed alike."""
+        import torch
+
+        digest = hashlib.blake2b(repr((self.size, self._scale.tolist(), self._shift.tolist())).encode(), digest_size=8)
+        for name, tensor in sorted(self.model.state_dict().items()):
+            digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        return f"SigLIP {self._folder} {digest.hexdigest()}"
 
     def embed(self, images) -> "torch.Tensor":
         """PIL images -> L2-normalised pooled embeddings ``[N, E]`` (float32, CPU)."""

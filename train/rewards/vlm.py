@@ -134,6 +134,10 @@ class VLMScorer(Scorer):
         self._client = httpx.Client(timeout=timeout, headers=headers)
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="vlm")
 
+    @property
+    def identity(self) -> str:
+        return f"{self.model} (max_side={self.max_side}, max_tokens={self.max_tokens})"
+
     def request_body(self, item: RewardItem) -> dict:
         """The chat-completions payload for one item (also useful to inspect the prompt)."""
         images = [item.image]

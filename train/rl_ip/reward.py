@@ -12,21 +12,24 @@ or raises ``RewardError`` when too many failed. It is never replaced by a number
 
 from __future__ import annotations
 
+import asyncio
+import json
 import math
 import os
 import random
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from urllib.parse import urlsplit
 
 from pydantic import ValidationError
 
-from train.rewards.base import (CROP_ONLY_SCORERS, SCORER_INPUTS, RewardItem, RewardResult, Scorer,
+from train.rewards.base import (API_VERSION, CROP_ONLY_SCORERS, SCORER_INPUTS, RewardItem, RewardResult, Scorer,
                                 build_scorers, crop_window, parse_reward_weights, score_items)
 from train.rewards.codec import EncodeCache
 from train.rewards.schema import OPTIONAL_IMAGE_FIELDS, Health, ItemResult, item_json, short_errors
 
-__all__ = ["RewardError", "RewardFunction", "LocalReward", "RemoteReward", "build_reward_fn",
+__all__ = ["RewardError", "RewardFunction", "LocalReward", "RemoteReward", "build_reward_fn", "parse_server_urls",
            "apply_failure_policy", "reward_stats", "RewardItem", "RewardResult"]
 
 
@@ -102,17 +105,42 @@ class _Retryable(Exception):
     """A failed attempt worth repeating (connection error, timeout, 5xx, unreadable reply)."""
 
 
+def parse_server_urls(spec: str | list[str]) -> list[str]:
+    """``--reward_server_url`` (comma-separated, or a list) -> the URLs without a trailing slash.
+
+    Raises ``ValueError`` naming every URL that is not ``http(s)://host[:port][/path]`` (port 1..65535).
+    """
+    urls = [u.strip() for u in (spec.split(",") if isinstance(spec, str) else spec)]
+    urls = [u for u in urls if u]
+    if not urls:
+        raise ValueError("no reward server URL given")
+    bad = []
+    for url in urls:
+        try:
+            parts = urlsplit(url)
+            port = parts.port
+        except ValueError as exc:
+            bad.append(f"{url!r} ({exc})")
+            continue
+        if parts.scheme not in ("http", "https") or not parts.hostname or port == 0 or parts.query or parts.fragment:
+            bad.append(repr(url))
+    if bad:
+        raise ValueError(f"not an http(s)://host[:port] URL: {', '.join(bad)}")
+    return [u.rstrip("/") for u in urls]
+
+
 class RemoteReward(RewardFunction):
     """Client for one or more ``train.reward_server`` instances.
 
-    Rank ``r`` sends to ``urls[r % len(urls)]`` first and falls back to the others in turn.
-    Items go out in chunks of ``chunk_size`` on ``max_workers`` threads. Each URL gets
-    ``retries`` extra attempts with exponential backoff (and jitter) on connection errors,
-    timeouts, 5xx/429 and unreadable replies; a chunk that fails on every URL yields
-    per-item errors. Rejections that retrying cannot fix (401, 413, 422, ...) raise
-    ``RewardError``. The reward is recomputed here from the returned scores with ``weights``.
-    Masks, references and sources repeat (a group's k items, every epoch): their PNGs are kept by
-    content (``encode_cache_mb``, LRU), so each is encoded once while it stays cached.
+    Rank ``r`` sends to ``urls[r % len(urls)]`` first. Items go out in chunks of ``chunk_size`` on
+    ``max_workers`` threads. Every request, connecting, sending and reading together, ends within
+    ``timeout`` seconds. A chunk whose request fails with a connection error, a timeout, 5xx/429 or
+    an unreadable reply is sent again up to ``retries`` times, after exponential backoff (with
+    jitter), to every URL at once: the first good reply wins and the other requests are cancelled.
+    A chunk that fails every attempt yields per-item errors. Rejections that retrying cannot fix
+    (401, 413, 422, ...) raise ``RewardError``. The reward is recomputed here from the returned
+    scores with ``weights``. Masks, references and sources repeat (a group's k items, every epoch):
+    their PNGs are kept by content (``encode_cache_mb``, LRU), so each is encoded once while it stays cached.
     """
 
     def __init__(self, urls: list[str] | str, weights, rank: int = 0, world_size: int = 1, chunk_size: int = 16,
@@ -121,14 +149,13 @@ class RemoteReward(RewardFunction):
         import httpx
 
         super().__init__()
-        if isinstance(urls, str):
-            urls = [u.strip() for u in urls.split(",") if u.strip()]
-        if not urls:
-            raise ValueError("RemoteReward needs at least one server URL")
-        if chunk_size < 1 or max_workers < 1 or retries < 0 or timeout <= 0 or not encode_cache_mb >= 0:
-            raise ValueError("chunk_size and max_workers must be >= 1, retries >= 0, timeout > 0, encode_cache_mb >= 0")
+        urls = parse_server_urls(urls)
+        if (chunk_size < 1 or max_workers < 1 or retries < 0 or not 0 < timeout < math.inf
+                or not encode_cache_mb >= 0):
+            raise ValueError("chunk_size and max_workers must be >= 1, retries >= 0, timeout finite and > 0, "
+                             "encode_cache_mb >= 0")
         n = len(urls)
-        self.urls = [urls[(rank + i) % n].rstrip("/") for i in range(n)]  # primary first
+        self.urls = [urls[(rank + i) % n] for i in range(n)]  # primary first
         self.weights, self.rank, self.world_size = _weights(weights), rank, world_size
         self.chunk_size, self.timeout, self.retries, self.backoff = chunk_size, timeout, retries, backoff
         self.health_wait = health_wait
@@ -139,59 +166,112 @@ class RemoteReward(RewardFunction):
         self.shared_pngs = EncodeCache(int(encode_cache_mb * 2**20))
         token = token if token is not None else os.environ.get("REWARD_SERVER_TOKEN")
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._client = httpx.Client(headers=headers, timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
-                                    limits=httpx.Limits(max_connections=max_workers * n + 2))
+        # Requests run on an event loop of their own (started at the first one), where a deadline
+        # cancels a request wherever it is; httpx's own timeouts bound each read, not the request.
+        self._client = httpx.AsyncClient(headers=headers, timeout=None,
+                                         limits=httpx.Limits(max_connections=max_workers * n + 2))
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: threading.Thread | None = None
+        self._loop_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="reward-http")
         self._healthy = False
         self.stats = {"requests": 0, "retries": 0, "failed_chunks": 0}
         self._stats_lock = threading.Lock()
 
-    # -- start-up -----------------------------------------------------------------------------
-    def wait_healthy(self, timeout: float | None = None) -> dict[str, dict]:
-        """Poll ``/health`` until a server answers; returns ``{url: health}`` of those that did.
+    def _run(self, coro):
+        """Run ``coro`` on the client's event loop and wait for it."""
+        with self._loop_lock:
+            if self._loop is None:
+                self._loop = asyncio.new_event_loop()
+                self._loop_thread = threading.Thread(target=self._loop.run_forever, name="reward-loop", daemon=True)
+                self._loop_thread.start()
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
-        Raises ``RewardError`` if none answers within ``timeout`` (default ``health_wait``) seconds,
-        if a server rejects the token, or if a server lacks a scorer named in ``weights``.
-        """
+    async def _bounded(self, seconds: float, request):
+        """``await request`` (an httpx call), cancelled after ``seconds``: ``_Retryable`` on a timeout or a
+        transport error."""
         import httpx
 
-        wait = self.health_wait if timeout is None else timeout
+        try:
+            return await asyncio.wait_for(request, seconds)
+        except (asyncio.TimeoutError, httpx.TimeoutException):
+            raise _Retryable(f"timed out after {seconds:g}s") from None
+        except httpx.TransportError as exc:
+            raise _Retryable(f"{type(exc).__name__}: {exc}") from None
+
+    # -- start-up -----------------------------------------------------------------------------
+    def wait_healthy(self, timeout: float | None = None) -> dict[str, dict]:
+        """Poll ``/health`` of every URL at once until a server answers; returns ``{url: health}`` of those that did.
+
+        Raises ``RewardError`` if none answers within ``timeout`` (default ``health_wait``) seconds, if a
+        server rejects the token, speaks another protocol version (``API_VERSION``), lacks a scorer named
+        in ``weights``, or if the servers that answered run different models for a weighted scorer.
+        """
+        return self._run(self._wait_healthy(self.health_wait if timeout is None else timeout))
+
+    async def _wait_healthy(self, wait: float) -> dict[str, dict]:
         deadline = time.monotonic() + wait
         last: dict[str, str] = {}
         while True:
+            probe = min(5.0, self.timeout, max(0.5, deadline - time.monotonic()))
+            replies = await asyncio.gather(*(self._health(url, probe) for url in self.urls), return_exceptions=True)
+            for reply in replies:
+                if isinstance(reply, BaseException):
+                    raise reply
             healthy = {}
-            for url in self.urls:
-                try:
-                    resp = self._client.get(f"{url}/health", timeout=min(5.0, self.timeout))
-                except httpx.TransportError as exc:
-                    last[url] = f"{type(exc).__name__}"
-                    continue
-                if resp.status_code == 401:
-                    raise RewardError(f"reward server {url} rejected the token (HTTP 401); "
-                                      "check --token / REWARD_SERVER_TOKEN")
-                if resp.status_code != 200:
-                    last[url] = f"HTTP {resp.status_code}"
-                    continue
-                try:
-                    health = Health.model_validate_json(resp.content)
-                except ValidationError as exc:
-                    last[url] = f"unexpected /health reply: {short_errors(exc, limit=1)}"
-                    continue
-                if health.status != "ok":
-                    last[url] = f"status {health.status!r}"
-                    continue
-                missing = [n for n, w in self.weights.items() if w != 0 and n not in health.scorers]
-                if missing:
-                    raise RewardError(f"reward server {url} does not run scorer(s) {missing} named in the "
-                                      f"reward weights; it runs {health.scorers}")
-                healthy[url] = health.model_dump()
+            for url, reply in zip(self.urls, replies):
+                if isinstance(reply, str):
+                    last[url] = reply
+                else:
+                    healthy[url] = reply
             if healthy:
+                self._check_models(healthy)
                 self._healthy = True
-                return healthy
+                return {url: h.model_dump() for url, h in healthy.items()}
             if time.monotonic() >= deadline:
                 tried = ", ".join(f"{u} [{last.get(u, '?')}]" for u in self.urls)
                 raise RewardError(f"no reward server answered /health within {wait:g}s (tried {tried})")
-            time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+            await asyncio.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+
+    async def _health(self, url: str, seconds: float) -> Health | str:
+        """``url``'s health, or why it is not healthy yet; ``RewardError`` for what waiting cannot fix."""
+        try:
+            resp = await self._bounded(seconds, self._client.get(f"{url}/health"))
+        except _Retryable as exc:
+            return str(exc)
+        if resp.status_code == 401:
+            raise RewardError(f"reward server {url} rejected the token (HTTP 401); check REWARD_SERVER_TOKEN")
+        if resp.status_code != 200:
+            return f"HTTP {resp.status_code}"
+        try:
+            raw = json.loads(resp.content)
+        except ValueError:
+            return "unexpected /health reply: not JSON"
+        version = raw.get("version") if isinstance(raw, dict) else None
+        if version is not None and version != API_VERSION:
+            raise RewardError(f"reward server {url} speaks protocol version {version!r}, this client "
+                              f"{API_VERSION!r}: run the same release of the code on the servers and in training")
+        try:
+            health = Health.model_validate_json(resp.content)
+        except ValidationError as exc:
+            return f"unexpected /health reply: {short_errors(exc, limit=1)}"
+        if health.status != "ok":
+            return f"status {health.status!r}"
+        missing = [n for n, w in self.weights.items() if w != 0 and n not in health.scorers]
+        if missing:
+            raise RewardError(f"reward server {url} does not run scorer(s) {missing} named in the "
+                              f"reward weights; it runs {health.scorers}")
+        return health
+
+    def _check_models(self, healthy: dict[str, Health]) -> None:
+        """Every weighted scorer runs the same model on every server, or a reward would depend on the URL."""
+        for name, w in self.weights.items():
+            seen: dict[str, list[str]] = {}
+            for url, health in healthy.items():
+                seen.setdefault(health.models.get(name, "?"), []).append(url)
+            if w != 0 and len(seen) > 1:
+                runs = "; ".join(f"{model!r} at {', '.join(urls)}" for model, urls in seen.items())
+                raise RewardError(f"reward servers run different models for the {name} scorer: {runs}")
 
     # -- scoring ------------------------------------------------------------------------------
     def __call__(self, items: list[RewardItem]) -> list[RewardResult]:
@@ -221,45 +301,59 @@ class RemoteReward(RewardFunction):
         return {"items": items, "weights": self.weights}
 
     def _score_chunk(self, chunk: list[RewardItem]) -> list[RewardResult]:
-        payload = self._payload(chunk)
-        errors = []
-        for url in self.urls:
-            for attempt in range(self.retries + 1):
-                if attempt:
-                    with self._stats_lock:
-                        self.stats["retries"] += 1
-                    time.sleep(min(30.0, self.backoff * 2 ** (attempt - 1)) * (1 + 0.25 * random.random()))
-                try:
-                    return self._post(url, payload, chunk)
-                except _Retryable as exc:
-                    errors.append(f"{url}: {exc}")
+        body = json.dumps(self._payload(chunk)).encode()  # encoded on this thread, sent from the loop
+        return self._run(self._score_async(body, chunk))
+
+    async def _score_async(self, body: bytes, chunk: list[RewardItem]) -> list[RewardResult]:
+        errors: list[str] = []
+        for attempt in range(self.retries + 1):
+            if attempt:
+                with self._stats_lock:
+                    self.stats["retries"] += 1
+                await asyncio.sleep(min(30.0, self.backoff * 2 ** (attempt - 1)) * (1 + 0.25 * random.random()))
+            result = await self._first_reply(self.urls if attempt else self.urls[:1], body, chunk, errors)
+            if result is not None:
+                return result
         with self._stats_lock:
             self.stats["failed_chunks"] += 1
         msg = f"reward request failed after {len(errors)} attempt(s); last: {errors[-1]}"
         return [RewardResult(it.id, None, {}, {}, msg) for it in chunk]
 
-    def _post(self, url: str, payload: dict, chunk: list[RewardItem]) -> list[RewardResult]:
-        import httpx
+    async def _first_reply(self, urls: list[str], body: bytes, chunk: list[RewardItem],
+                           errors: list[str]) -> list[RewardResult] | None:
+        """``body`` to every URL at once: the first good reply, or None (each failure appended to ``errors``)."""
+        tasks = [asyncio.ensure_future(self._post(url, body, chunk)) for url in urls]
+        try:
+            for done in asyncio.as_completed(tasks):
+                try:
+                    return await done
+                except _Retryable as exc:
+                    errors.append(str(exc))
+            return None
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
+    async def _post(self, url: str, body: bytes, chunk: list[RewardItem]) -> list[RewardResult]:
         with self._stats_lock:
             self.stats["requests"] += 1
         try:
-            resp = self._client.post(f"{url}/score", json=payload)
-        except httpx.TimeoutException as exc:
-            raise _Retryable(f"timed out after {self.timeout:g}s ({type(exc).__name__})") from None
-        except httpx.TransportError as exc:
-            raise _Retryable(f"{type(exc).__name__}: {exc}") from None
+            resp = await self._bounded(self.timeout, self._client.post(
+                f"{url}/score", content=body, headers={"content-type": "application/json"}))
+        except _Retryable as exc:
+            raise _Retryable(f"{url}: {exc}") from None
         if resp.status_code >= 500 or resp.status_code == 429:
-            raise _Retryable(f"HTTP {resp.status_code}: {resp.text[:200]}")
+            raise _Retryable(f"{url}: HTTP {resp.status_code}: {resp.text[:200]}")
         if resp.status_code != 200:
             raise RewardError(f"reward server {url} rejected the request: HTTP {resp.status_code}: {resp.text[:300]}")
         try:
             raw = resp.json()["results"]
             by_id = {r["id"]: r for r in raw}
         except (ValueError, KeyError, TypeError) as exc:
-            raise _Retryable(f"malformed reply ({type(exc).__name__}): {resp.text[:120]!r}") from None
+            raise _Retryable(f"{url}: malformed reply ({type(exc).__name__}): {resp.text[:120]!r}") from None
         if len(raw) != len(chunk) or set(by_id) != {it.id for it in chunk}:
-            raise _Retryable(f"reply ids do not match the request ({len(raw)} results for {len(chunk)} items)")
+            raise _Retryable(f"{url}: reply ids do not match the request ({len(raw)} results for {len(chunk)} items)")
         return [self._result(it.id, by_id[it.id]) for it in chunk]  # matched by id, whatever the reply's order
 
     def _result(self, item_id: str, r: dict) -> RewardResult:
@@ -280,7 +374,12 @@ class RemoteReward(RewardFunction):
     def close(self) -> None:
         super().close()
         self._pool.shutdown(wait=True)
-        self._client.close()
+        if self._loop is not None:
+            self._run(self._client.aclose())
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._loop_thread.join(timeout=10)
+            self._loop.close()
+            self._loop = None
 
 
 def build_reward_fn(urls: str | list[str] | None, weights, siglip_path=None, vlm_url=None, vlm_model=None,

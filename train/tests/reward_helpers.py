@@ -75,15 +75,18 @@ def free_port() -> int:
 
 
 class ServerThread:
-    """Run an ASGI app with uvicorn on a free loopback port in a thread (context manager)."""
+    """Run an ASGI app with uvicorn, configured as the reward server configures it (``uvicorn_config``:
+    ``config`` are its keywords), on a free loopback port in a thread (context manager)."""
 
-    def __init__(self, app, port: int | None = None):
+    def __init__(self, app, port: int | None = None, **config):
         import uvicorn
+
+        from train.reward_server import uvicorn_config
 
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="error",
-                                                    timeout_graceful_shutdown=1, lifespan="on"))
+        self.server = uvicorn.Server(uvicorn_config(app, host="127.0.0.1", port=self.port, log_level="error",
+                                                    timeout_graceful_shutdown=1, lifespan="on", **config))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self):
@@ -105,7 +108,8 @@ class FaultInjector:
 
     Actions: ``"ok"`` (pass through), ``"500"``, ``"garbage"`` (200 with a body that is not JSON),
     ``"sleep:S"`` (hold the request S seconds, then pass through), ``"reverse"`` (the real reply
-    with its results in reverse order), ``"rewrite"`` (the real reply passed through ``rewrite(body)``).
+    with its results in reverse order), ``"rewrite"`` (the real reply passed through ``rewrite(body)``),
+    ``"trickle"`` (a 200 whose 300-byte body comes one byte every 50 ms: 15 s, never a silent second).
     """
 
     def __init__(self, app, plan: list[str], rewrite=None):
@@ -123,6 +127,14 @@ class FaultInjector:
             await send({"type": "http.response.start", "status": 500 if action == "500" else 200,
                         "headers": [(b"content-type", b"application/json")]})
             await send({"type": "http.response.body", "body": body})
+            return
+        if action == "trickle":
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", b"application/json"), (b"content-length", b"300")]})
+            for _ in range(300):
+                await send({"type": "http.response.body", "body": b" ", "more_body": True})
+                await asyncio.sleep(0.05)
+            await send({"type": "http.response.body", "body": b""})
             return
         if action.startswith("sleep:"):
             await asyncio.sleep(float(action.split(":", 1)[1]))

@@ -3,6 +3,7 @@ a killed server, rejections and many concurrent clients. Nothing failed is ever 
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from dataclasses import replace
@@ -72,7 +73,7 @@ def test_a_health_reply_outside_the_schema_is_not_healthy():
 
     with ServerThread(other) as srv:
         with pytest.raises(RewardError, match=r"within 0.5s \(tried .* \[unexpected /health reply: scorers: "
-                                              r"Input should be a valid array; \.\.\. 6 more\]\)"):  # the 6 missing fields
+                                              r"Input should be a valid array; \.\.\. 7 more\]\)"):  # the 7 missing fields
             client(srv.url, health_wait=0.5).wait_healthy()
 
 
@@ -294,3 +295,131 @@ def test_shared_images_are_encoded_once_by_content_and_the_wire_is_unchanged():
         f.close()
     with pytest.raises(ValueError, match="encode_cache_mb >= 0"):
         RemoteReward("http://127.0.0.1:9", "background=1.0", encode_cache_mb=-1)
+
+
+def test_the_timeout_bounds_a_whole_request_even_while_bytes_keep_coming():
+    """A reply trickling one byte every 50 ms never idles a read for a second: the deadline still ends it."""
+    app = FaultInjector(bg_app(), ["trickle", "trickle"])
+    with ServerThread(app) as srv:
+        fn = client(srv.url, timeout=1.0, retries=1)
+        fn.wait_healthy()
+        t0 = time.monotonic()
+        res = fn(items(1))
+        elapsed = time.monotonic() - t0
+        fn.close()
+    assert app.seen == ["trickle", "trickle"]
+    assert res[0].reward is None and "timed out after 1s" in res[0].error and "2 attempt(s)" in res[0].error
+    assert elapsed < 3.0, elapsed
+
+
+def test_after_the_primary_fails_every_url_is_tried_at_once():
+    failing, stalled, good = (FaultInjector(bg_app(), plan) for plan in (["500"] * 10, ["sleep:5"] * 10, []))
+    with ServerThread(failing) as a, ServerThread(stalled) as b, ServerThread(good) as c:
+        fn = client([a.url, b.url, c.url], timeout=3.0, retries=2)
+        fn.wait_healthy()
+        t0 = time.monotonic()
+        res = fn(items(2))
+        elapsed = time.monotonic() - t0
+        fn.close()
+    assert [r.reward for r in res] == pytest.approx([expected(0), expected(1)])
+    assert elapsed < 1.5, elapsed  # one after another: 3 x HTTP 500, then 3 x 3 s waiting on the stalled server
+    assert failing.seen[0] == "500" and good.seen == ["ok"] and fn.stats["retries"] == 1
+
+
+def test_with_every_url_down_a_chunk_fails_after_the_retry_rounds_not_once_per_url():
+    apps = [FaultInjector(bg_app(), ["sleep:5"] * 10) for _ in range(3)]
+    with ServerThread(apps[0]) as s0, ServerThread(apps[1]) as s1, ServerThread(apps[2]) as s2:
+        fn = client([s0.url, s1.url, s2.url], timeout=0.5, retries=1)
+        fn.wait_healthy()
+        t0 = time.monotonic()
+        res = fn(items(1))
+        elapsed = time.monotonic() - t0
+        fn.close()
+    assert res[0].reward is None and "failed after 4 attempt(s)" in res[0].error
+    assert "timed out after 0.5s" in res[0].error
+    assert elapsed < 1.6, elapsed  # the primary, then all three at once; one after another: 3 URLs x 2 x 0.5 s
+    assert [len(a.seen) for a in apps] == [2, 1, 1]
+
+
+def test_bad_urls_timeout_and_retries_are_refused_at_start_up():
+    from train.config import parse_args, validate
+
+    t0 = time.monotonic()
+    for url, reason in [("ftp://h:1", "'ftp://h:1'"), ("not a url", "'not a url'"),
+                        ("localhost:8000", "'localhost:8000'"), ("http://:80", "'http://:80'"),
+                        ("http://h:0", "'http://h:0'"), ("http://h/?a=1", "'http://h/?a=1'"),
+                        ("http://h:99999", "'http://h:99999' (Port out of range 0-65535)"),
+                        ("http://h:1,http://h:x", "'http://h:x' (Port could not be cast")]:
+        with pytest.raises(ValueError, match=r"^not an http\(s\)://host\[:port\] URL: " + re.escape(reason)):
+            RemoteReward(url, "background=1")
+    assert time.monotonic() - t0 < 1.0  # refused, not waited on
+    assert RemoteReward("https://h:443/reward/, http://[::1]:8000", "background=1").urls == [
+        "https://h:443/reward", "http://[::1]:8000"]
+    problems = validate(parse_args(["--use_rl", "--reward_server_url", "http://ok:1,ftp://h,not a url",
+                                    "--reward_timeout", "0", "--reward_retries", "-1"]))
+    assert [p for p in problems if "--reward" in p] == [
+        "--reward_timeout must be > 0, got 0.0", "--reward_retries must be >= 0, got -1",
+        "--reward_server_url: not an http(s)://host[:port] URL: 'ftp://h', 'not a url'"]
+    problems = validate(parse_args(["--use_rl", "--reward_timeout", "inf", "--reward_server_url", "http://ok:1"]))
+    assert [p for p in problems if "--reward" in p] == ["--reward_timeout must be a finite number, got inf"]
+    cfg = parse_args(["--reward_timeout", "7.5", "--reward_retries", "0"])
+    assert (cfg.reward_timeout, cfg.reward_retries) == (7.5, 0)
+
+
+def test_a_server_of_another_protocol_version_is_refused_at_once():
+    from fastapi import FastAPI
+
+    old = FastAPI()
+
+    @old.get("/health")
+    def health():  # what a server of protocol version 1 answers
+        return {"status": "ok", "scorers": ["background"], "version": "1", "device": "cpu", "max_items": 256,
+                "max_pixels": 2**24, "max_request_pixels": 2**26, "max_body_bytes": 2**28}
+
+    with ServerThread(old) as srv:
+        t0 = time.monotonic()
+        with pytest.raises(RewardError, match=rf"reward server {srv.url} speaks protocol version '1', this client "
+                                              r"'2': run the same release"):
+            client(srv.url, health_wait=5.0).wait_healthy()
+        assert time.monotonic() - t0 < 2.0
+
+
+def test_servers_that_run_different_models_for_a_weighted_scorer_are_refused():
+    from train.rewards import ContrastScorer
+
+    class Retrained(BackgroundScorer):  # another model behind the same scorer name
+        pass
+
+    with ServerThread(bg_app()) as a, ServerThread(bg_app()) as b, \
+            ServerThread(create_app({"background": Retrained(), "contrast": ContrastScorer()})) as c:
+        health = client([a.url, b.url]).wait_healthy()
+        assert {u: h["models"] for u, h in health.items()} == {a.url: {"background": "BackgroundScorer"},
+                                                                b.url: {"background": "BackgroundScorer"}}
+        with pytest.raises(RewardError, match=rf"run different models for the background scorer: 'BackgroundScorer' "
+                                              rf"at {a.url}, {b.url}; 'Retrained' at {c.url}$"):
+            client([a.url, b.url, c.url]).wait_healthy()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from train.data.synthesize import synthesize
+
+    return synthesize(tmp_path_factory.mktemp("data"), num=8, resolution=64, langs=("en",), seed=3)
+
+
+def test_training_gives_the_client_its_reward_timeout_and_retries(tiny_models, data, tmp_path, capsys):
+    """Every reply comes after 2 s: a reward within the default 60 s; with --reward_timeout 1 and no retry
+    the first reward step fails, one clear line."""
+    from train.rewards import ContrastScorer
+    from train.tests.rl_helpers import rl_args
+    from train.train import main
+
+    app = FaultInjector(create_app({"contrast": ContrastScorer()}), ["sleep:2"] * 100)
+    with ServerThread(app) as srv:
+        argv = rl_args(tiny_models, data, tmp_path / "run", 2, reward_server_url=srv.url, reward_timeout=1,
+                       reward_retries=0)
+        assert main(argv) == 3
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "rewards could not be computed" in errors[0], errors
+    assert "failed after 1 attempt(s)" in errors[0] and "timed out after 1s" in errors[0], errors
+    assert app.seen == ["sleep:2"]

@@ -42,7 +42,8 @@ class Scripted:
                 outer.health_calls += 1
                 if outer.token and self.headers.get("authorization") != f"Bearer {outer.token}":
                     return self._send(401, {"detail": "bad token"})
-                self._send(200, {"status": "ok", "scorers": outer.scorers, "version": "t", "device": "cpu",
+                self._send(200, {"status": "ok", "scorers": outer.scorers, "version": schema.API_VERSION,
+                                 "models": {n: "scripted" for n in outer.scorers}, "device": "cpu",
                                  "max_items": schema.DEFAULT_MAX_ITEMS, "max_pixels": schema.DEFAULT_MAX_PIXELS,
                                  "max_request_pixels": schema.DEFAULT_MAX_REQUEST_PIXELS,
                                  "max_body_bytes": int(schema.DEFAULT_MAX_BODY_MB * 2**20)})

@@ -4,6 +4,7 @@ malformed bodies, memory bounds and start-up."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -11,6 +12,8 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import replace
+from importlib.metadata import version
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -18,7 +21,7 @@ import pytest
 from PIL import Image
 
 from train.reward_server import Batcher, Job, create_app
-from train.rewards import BackgroundScorer, ContrastScorer, ItemScore, OCRScorer, Scorer
+from train.rewards import API_VERSION, BackgroundScorer, ContrastScorer, ItemScore, OCRScorer, Scorer
 from train.rewards.codec import encode_png_b64
 from train.rewards.schema import ItemIn, item_json
 from train.tests.reward_helpers import REPO, ServerThread, peak_rss_mb, render_scene, spawn_server, tiny_siglip  # noqa: F401
@@ -47,8 +50,10 @@ def test_health(server):
     srv, _ = server
     body = httpx.get(f"{srv.url}/health", headers=AUTH).json()
     assert body["status"] == "ok" and body["scorers"] == ["ocr", "background"]
-    assert body["version"] == "1" and body["device"] == "cpu" and body["max_items"] == 8
+    assert body["version"] == API_VERSION == "2" and body["device"] == "cpu" and body["max_items"] == 8
     assert body["max_pixels"] == 300 * 300 and body["max_request_pixels"] == 4 * 4096 * 4096
+    assert body["models"] == {"ocr": f"rapidocr {version('rapidocr')} (detect=auto, min_confidence=0.5, "
+                                     "confident=0.9, pad=4)", "background": "BackgroundScorer"}
 
 
 def test_score_with_a_corrupt_image_in_one_item(server):
@@ -467,3 +472,135 @@ def test_decode_cache_is_bounded_and_never_stores_errors():
         with pytest.raises(ImageDecodeError):
             cache.decode(pngs[1][:60], None, "RGB")
     assert cache.misses == 9 and all(k[0] != pngs[1][:60] for k in cache._entries)
+
+
+def read_reply(sock: socket.socket, timeout: float = 10.0) -> bytes:
+    """Everything the server sends until it closes the connection."""
+    sock.settimeout(timeout)
+    reply = b""
+    while part := sock.recv(65536):
+        reply += part
+    return reply
+
+
+def test_stalled_request_heads_are_closed_and_connections_capped():
+    proc, url = spawn_server("--scorers", "contrast", "--header_timeout", "1", "--max_connections", "4")
+    port = int(url.rsplit(":", 1)[1])
+    try:
+        stalled = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(3)]
+        stalled[0].sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # a head that never ends
+        t0 = time.monotonic()
+        r = httpx.get(f"{url}/health", timeout=10)
+        assert r.status_code == 503  # a fourth connection while three are open
+        stop = threading.Event()
+
+        def trickle():  # bytes keep coming, but the head never completes
+            while not stop.wait(0.2):
+                try:
+                    stalled[1].send(b"X-Slow: 1\r\n")
+                except OSError:
+                    return
+
+        feeder = threading.Thread(target=trickle, daemon=True)
+        feeder.start()
+        try:
+            for sock in stalled:
+                try:
+                    assert read_reply(sock) == b""  # closed by the server without a reply
+                except ConnectionResetError:
+                    pass  # closed while our bytes were unread
+        finally:
+            stop.set()
+            feeder.join(timeout=5)
+            for sock in stalled:
+                sock.close()
+        assert 0.9 < time.monotonic() - t0 < 3.0
+        assert httpx.get(f"{url}/health", timeout=10).json()["scorers"] == ["contrast"]
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def test_slow_bodies_time_out_and_bodies_being_received_share_a_budget():
+    app = create_app({"background": BackgroundScorer()}, max_body_mb=0.2, max_inflight_body_mb=0.3, body_timeout=1.5)
+    head = b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 200000\r\n\r\n"
+    with ServerThread(app) as srv:
+        slow = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+        t0 = time.monotonic()
+        slow.sendall(head + b" " * 150_000)  # then nothing more
+        other = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+        other.sendall(head + b" " * 164_000)  # 314 000 bytes being received: within 0.3 MB = 314 572
+        time.sleep(0.5)
+        other.sendall(b" " * 1000)
+        reply = read_reply(other).decode()
+        assert reply.startswith("HTTP/1.1 503") and "connection: close" in reply.lower()
+        assert "the server is receiving 314000 bytes of request bodies, near its limit of 314572" in reply
+        reply = read_reply(slow).decode()
+        assert reply.startswith("HTTP/1.1 408") and "request body not received within 1.5s" in reply
+        assert 1.4 < time.monotonic() - t0 < 3.0
+        for sock in (slow, other):
+            sock.close()
+        item = render_scene("", size=(8, 8), box=(2, 2, 6, 6))
+        r = httpx.post(f"{srv.url}/score", json=payload([item]), timeout=30)  # the budget was given back
+        assert r.status_code == 200 and r.json()["results"][0]["reward"] == 1.0
+    with pytest.raises(ValueError, match=r"max_inflight_body_mb \(1\) must be >= max_body_mb \(2\)"):
+        create_app({"background": BackgroundScorer()}, max_body_mb=2, max_inflight_body_mb=1)
+
+
+def test_cli_refuses_a_public_address_without_a_token_and_ports_out_of_range(tmp_path):
+    """Refused before anything is bound: one line and exit status 2 (a server that started would hang this test)."""
+    env = {k: v for k, v in os.environ.items() if k != "REWARD_SERVER_TOKEN"}
+    for args, reason in [(["--host", "0.0.0.0"], ("--host 0.0.0.0 is reachable from other machines: set a shared "
+                                                  "secret with --token_file or REWARD_SERVER_TOKEN")),
+                         (["--port", "99999"], "--port must be in 0..65535, got 99999"),
+                         (["--port", "-1", "--header_timeout", "0"],
+                          "--port must be in 0..65535, got -1; --header_timeout must be a finite number > 0, got 0.0")]:
+        res = subprocess.run([sys.executable, "-m", "train.reward_server", "--scorers", "contrast", *args], cwd=REPO,
+                             env=env, capture_output=True, text=True, timeout=60)
+        assert res.returncode == 2 and res.stdout == "", (args, res.stdout)
+        assert res.stderr.strip().splitlines()[-1].endswith(f"error: {reason}"), (args, res.stderr)
+
+
+def test_cli_token_from_a_file_not_the_command_line(tmp_path, capsys):
+    from train.reward_server import main
+
+    secret = tmp_path / "token"
+    secret.write_text("s3cret-from-file\n")
+    proc, url = spawn_server("--scorers", "contrast", "--token_file", str(secret))
+    try:
+        assert b"s3cret" not in Path(f"/proc/{proc.pid}/cmdline").read_bytes()  # what ps shows
+        assert httpx.get(f"{url}/health", timeout=10).status_code == 401
+        health = httpx.get(f"{url}/health", headers={"Authorization": "Bearer s3cret-from-file"}, timeout=10)
+        assert health.status_code == 200 and health.json()["scorers"] == ["contrast"]
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+    (tmp_path / "empty").write_text("\n")
+    for argv, reason in [(["--token_file", str(tmp_path / "empty")], "is empty"),
+                         (["--token_file", str(tmp_path / "nope")], "cannot be read (No such file or directory)"),
+                         (["--token_file", str(secret), "--token", "x"], "give --token or --token_file, not both"),
+                         (["--body_timeout", "nan", "--max_connections", "0"],
+                          "--max_connections must be >= 1, got 0; --body_timeout must be a finite number > 0, got nan"),
+                         (["--max_body_mb", "8", "--max_inflight_body_mb", "4"],
+                          "--max_inflight_body_mb (4) must be >= --max_body_mb (8)")]:
+        with pytest.raises(SystemExit) as exc:
+            main(["--scorers", "contrast", *argv])
+        assert exc.value.code == 2 and reason in capsys.readouterr().err, argv
+
+
+def test_health_names_each_scorers_model(tiny_siglip, tmp_path):
+    """The style scorer's identity follows its weights: equal for the same folder, different for other weights
+    or another dtype."""
+    import torch
+
+    from train.models.tiny import write_tiny_siglip
+    from train.rewards.style import StyleScorer
+
+    other = write_tiny_siglip(tmp_path / "siglip", seed=1)
+    a, b, c = StyleScorer(tiny_siglip), StyleScorer(tiny_siglip, threads=1), StyleScorer(other)
+    half = StyleScorer(tiny_siglip, dtype=torch.bfloat16)
+    assert a.identity == b.identity and a.identity.startswith(f"SigLIP {Path(tiny_siglip).name} ")
+    assert len({a.identity, c.identity, half.identity}) == 3
+    with ServerThread(create_app({"style": a, "contrast": ContrastScorer()})) as srv:
+        models = httpx.get(f"{srv.url}/health", timeout=10).json()["models"]
+    assert models == {"style": a.identity, "contrast": "ContrastScorer"}
