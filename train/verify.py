@@ -165,6 +165,8 @@ def check_disk(path: str, adapter_params: float | None, min_free_gb: float | Non
 # ---------------------------------------------------------------------------- training flags
 # Flags whose values get their own, more thorough row; training's existence checks on them are not repeated.
 _OWN_ROWS = ("--pretrained_model_name_or_path ", "--siglip_path ", "--train_data_json ", "--rl_eval_data ")
+# the reward service's own rows read these without --use_rl (a server checked before the run's other flags are known)
+_REWARD_ROWS = ("--reward_server_url ", "--reward_weights ", "--rl_eval_reward_weights ")
 
 
 class _FlagError(ValueError):
@@ -197,7 +199,8 @@ def check_training_flags(cfg, given: list[str]) -> list[Check]:
         problems = validate(cfg)
     except Exception as exc:  # a broken optional import must not hide the other rows
         return [Check("training flags", "fail", f"validation failed: {type(exc).__name__}: {exc}")]
-    problems = [p for p in problems if not p.endswith(" is required") and not p.startswith(_OWN_ROWS)]
+    problems = [p for p in problems if not p.endswith(" is required") and not p.startswith(_OWN_ROWS)
+                and not (p.startswith(_REWARD_ROWS) and p.endswith("applies only with --use_rl"))]
     if problems:
         return [Check("training flags", "fail", "\n".join(problems), "python -m train.train would refuse to start: "
                       "fix these flags")]
