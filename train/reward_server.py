@@ -500,11 +500,16 @@ def main(argv=None) -> None:
 
     from train.rewards.base import build_scorers
 
+    if args.siglip_path and not Path(args.siglip_path).is_dir():
+        parser.error(f"--siglip_path {args.siglip_path} is not a folder")
     try:
         scorers = build_scorers(args.scorers, siglip_path=args.siglip_path, vlm_url=args.vlm_url,
                                 vlm_model=args.vlm_model, device=args.device, vlm_api_key=args.vlm_api_key)
     except ValueError as exc:
         parser.error(str(exc))
+    except OSError as exc:  # a model folder that does not load (transformers reports it as OSError)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        parser.error(f"cannot load the scorers' models (--siglip_path {args.siglip_path}): {first}")
     app = create_app(scorers, token=token, max_items=args.max_items, max_pixels=args.max_pixels,
                      max_request_pixels=args.max_request_pixels, max_body_mb=args.max_body_mb,
                      batch_window_ms=args.batch_window_ms, device=args.device, image_cache_mb=args.image_cache_mb,

@@ -604,3 +604,16 @@ def test_health_names_each_scorers_model(tiny_siglip, tmp_path):
     with ServerThread(create_app({"style": a, "contrast": ContrastScorer()})) as srv:
         models = httpx.get(f"{srv.url}/health", timeout=10).json()["models"]
     assert models == {"style": a.identity, "contrast": "ContrastScorer"}
+
+
+def test_cli_refuses_a_siglip_path_that_does_not_load(tmp_path):
+    """One line and exit status 2 for a missing folder and for one whose model does not load, no traceback."""
+    broken = tmp_path / "broken-siglip"
+    broken.mkdir()
+    (broken / "config.json").write_text("not json")
+    for path, reason in [(tmp_path / "nope", f"--siglip_path {tmp_path / 'nope'} is not a folder"),
+                         (broken, f"cannot load the scorers' models (--siglip_path {broken}):")]:
+        res = subprocess.run([sys.executable, "-m", "train.reward_server", "--scorers", "style", "--siglip_path",
+                              str(path)], cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
+        assert reason in res.stderr.strip().splitlines()[-1], res.stderr[-500:]
