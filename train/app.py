@@ -108,7 +108,7 @@ def check_args(parser, args) -> None:
 
 def build_engine(args) -> Engine:
     from train.app_engine import load_engine
-    from train.rewards.base import build_scorers
+    from train.rewards.registry import build_scorers
 
     scorers = build_scorers(args.scorer_names, siglip_path=args.siglip_path, device=args.reward_device)
     return load_engine(args, args.columns, scorers, args.weights)

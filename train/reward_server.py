@@ -498,7 +498,7 @@ def main(argv=None) -> None:
 
         torch.set_num_threads(args.torch_threads)
 
-    from train.rewards.base import build_scorers
+    from train.rewards.registry import build_scorers
 
     if args.siglip_path and not Path(args.siglip_path).is_dir():
         parser.error(f"--siglip_path {args.siglip_path} is not a folder")

@@ -102,7 +102,7 @@ def check_reward_servers(urls: str, wanted: list[str], timeout: float = 5.0, tok
 
 def check_local_scorers(names: list[str], siglip_path: str | None) -> list[Check]:
     """Without a reward server the scorers run in the trainer: build the cheap ones once to be sure."""
-    from train.rewards.base import build_scorers
+    from train.rewards.registry import build_scorers
 
     rows = []
     if "style" in names and not siglip_path:

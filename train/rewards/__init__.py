@@ -10,12 +10,12 @@ from .base import (
     RewardItem,
     RewardResult,
     Scorer,
-    build_scorers,
     combine_item,
     parse_reward_weights,
     score_items,
     weighted_reward,
 )
+from .registry import build_scorers
 from .codec import ImageDecodeError, ImageTooLargeError, decode_png_b64, encode_png_b64
 
 __all__ = [

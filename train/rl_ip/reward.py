@@ -25,7 +25,8 @@ from urllib.parse import urlsplit
 from pydantic import ValidationError
 
 from train.rewards.base import (API_VERSION, CROP_ONLY_SCORERS, SCORER_INPUTS, RewardItem, RewardResult, Scorer,
-                                build_scorers, crop_window, parse_reward_weights, score_items)
+                                crop_window, parse_reward_weights, score_items)
+from train.rewards.registry import build_scorers
 from train.rewards.codec import EncodeCache
 from train.rewards.schema import OPTIONAL_IMAGE_FIELDS, Health, ItemResult, item_json, short_errors
 

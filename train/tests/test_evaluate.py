@@ -139,7 +139,8 @@ def test_base_model_column_scored_by_a_reward_server(tiny_models, inputs, tmp_pa
     """--no_adapter adds the base model; --reward_server_url scores through a real loopback server."""
     from train.reward_server import create_app
     from train.rewards.background import BackgroundScorer
-    from train.rewards.base import RewardItem, build_scorers
+    from train.rewards.base import RewardItem
+    from train.rewards.registry import build_scorers
     from train.tests.reward_helpers import ServerThread
 
     out = tmp_path / "remote"

@@ -15,7 +15,7 @@ from train import verify
 from train.data.synthesize import synthesize
 from train.models.calligrapher import Calligrapher
 from train.models.checkpoint_io import save_adapter_file
-from train.rewards.base import build_scorers
+from train.rewards.registry import build_scorers
 from train.reward_server import create_app
 from train.tests.reward_helpers import ServerThread, free_port
 
