@@ -3,7 +3,7 @@
     python benchmarks/flops.py [--quick]
 
 Full size: FLUX.1-Fill-dev + SigLIP-so400m dimensions on fake tensors (:mod:`train.flops`), with
-512 text tokens and 128 style tokens, at 512 x 512 without the strip (SPEC §13's ~21.5 TFLOP
+512 text tokens and 128 style tokens, at 512 x 512 without the strip (docs/ARCHITECTURE.md §13's ~21.5 TFLOP
 yardstick for the base transformer), with a 128 px strip (a wide text reference) and with a
 512 px strip (the tallest the official rule allows). ``proxy`` gives the transformer's share of a
 supervised step and of a rollout for the CPU proxy model and for full size. ``--quick`` counts the

@@ -1,4 +1,4 @@
-"""GPU memory of the recommended configurations at full size, from the planner (SPEC §13). Prints JSON.
+"""GPU memory of the recommended configurations at full size, from the planner (docs/ARCHITECTURE.md §13). Prints JSON.
 
     python benchmarks/memory.py [--quick]
 

@@ -26,7 +26,7 @@ def flops_rows(r: dict) -> list[tuple[str, str, str]]:
     if "full_512_strip_0" in r:
         base = r["full_512_strip_0"]["parts_gflop"]
         rows.append(("Base transformer forward, 512², 512 text tokens, no strip", _tf(base["base_forward"]),
-                     "≈ 21.5 TFLOP (SPEC §13)"))
+                     "≈ 21.5 TFLOP (docs/ARCHITECTURE.md §13)"))
         for strip in (0, 128, 512):
             rep = r[f"full_512_strip_{strip}"]
             p = rep["parts_gflop"]

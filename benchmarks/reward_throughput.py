@@ -1,4 +1,4 @@
-"""Reward service throughput: images/s batched vs one image per request, same scorer (SPEC §13).
+"""Reward service throughput: images/s batched vs one image per request, same scorer (docs/ARCHITECTURE.md §13).
 
 Starts the real reward server (``python -m train.reward_server``) on a loopback port and
 scores the same rendered images twice through ``RemoteReward``: in chunks sent on several

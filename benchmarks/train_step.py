@@ -1,4 +1,4 @@
-"""Training-loop overhead on the CPU proxy model (SPEC §13). Prints one JSON object.
+"""Training-loop overhead on the CPU proxy model (docs/ARCHITECTURE.md §13). Prints one JSON object.
 
     python benchmarks/train_step.py [--quick] [--size proxy|full]
 

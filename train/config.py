@@ -1,4 +1,4 @@
-"""Every command-line flag of ``python -m train.train`` (SPEC §2), with defaults, help and validation.
+"""Every command-line flag of ``python -m train.train`` (docs/ARCHITECTURE.md §2), with defaults, help and validation.
 
 The flags are the fields of :class:`TrainConfig`; ``--help`` is built from the field metadata.
 :func:`validate` checks everything that can be checked before a model is loaded and returns

@@ -1,4 +1,4 @@
-"""Supervised flow matching for FLUX-Fill, as pure tensor functions (SPEC §6).
+"""Supervised flow matching for FLUX-Fill, as pure tensor functions (docs/ARCHITECTURE.md §6).
 
 ``x_t = (1 - sigma) * x0 + sigma * eps``, target velocity ``eps - x0``; ``sigma`` drawn from a
 logit-normal density (mean 0, std 1) and mapped through the scheduler's training sigmas.

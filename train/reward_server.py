@@ -1,4 +1,4 @@
-"""HTTP reward server (SPEC §10): batched scoring of generated images, JSON only.
+"""HTTP reward server (docs/ARCHITECTURE.md §10): batched scoring of generated images, JSON only.
 
     python -m train.reward_server --host 127.0.0.1 --port 8000 --scorers ocr,style,background \\
         --siglip_path /models/siglip-so400m-patch14-384 [--token_file /run/secrets/reward_token]

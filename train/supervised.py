@@ -1,4 +1,4 @@
-"""Supervised flow-matching phase (SPEC §6): the whole run without ``--use_rl``, the warm-up with it.
+"""Supervised flow-matching phase (docs/ARCHITECTURE.md §6): the whole run without ``--use_rl``, the warm-up with it.
 
 One micro-batch: cached prompt and style embeddings -> FLUX-Fill conditioning -> clean latents of
 the source (with its text) -> noise and noise level keyed per sample -> weighted MSE between the

@@ -43,7 +43,7 @@ def main(argv=None) -> int:
         from .checkpointing import latest_resumable
 
         newest = latest_resumable(cfg.output_dir, cfg.use_ema)
-        kept = f"The newest checkpoint {newest} is intact" if newest else f"No checkpoint was written in {cfg.output_dir}"
+        kept = f"The newest checkpoint {newest} is intact" if newest else f"No checkpoint in {cfg.output_dir} yet"
         print(f"error: rewards could not be computed: {exc}. {kept}; fix the reward service and continue with "
               "--resume_from_checkpoint latest", file=sys.stderr)
         return 3

@@ -1,4 +1,4 @@
-"""The shared run state of every training phase (SPEC §5, §6), and the phase chain.
+"""The shared run state of every training phase (docs/ARCHITECTURE.md §5, §6), and the phase chain.
 
 :class:`Trainer` builds what every loop needs — validated data, the frozen model, the
 prompt-embedding and style caches, optimizer, LR schedule, EMA, monitor, step counters,

@@ -182,7 +182,7 @@ def check_siglip(path: str) -> tuple[list[Check], dict | None]:
 
 
 def adapter_parameters(style_dim: int, token_dim: int, num_tokens: int, blocks: int, inner_dim: int) -> int:
-    """Trainable parameters of the style adapter (SPEC §3), from the model dimensions."""
+    """Trainable parameters of the style adapter (docs/ARCHITECTURE.md §3), from the model dimensions."""
     e, d, n = style_dim, token_dim, num_tokens
     first = e * 2 * e + 2 * e
     mlp = first + 2 * e * d * n + d * n + 2 * d

@@ -1,4 +1,4 @@
-"""Training records: three input formats, validation of everything up front, and the torch Dataset (SPEC §4).
+"""Training records: three input formats, validation of everything up front, and the torch Dataset (docs/ARCHITECTURE.md §4).
 
 ``--train_data_json`` may be
 

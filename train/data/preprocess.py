@@ -1,4 +1,4 @@
-"""Input preparation shared by training, rollouts and inference (SPEC §3, §4).
+"""Input preparation shared by training, rollouts and inference (docs/ARCHITECTURE.md §3, §4).
 
 This follows the official Calligrapher inference scripts, with every ambiguous point made explicit:
 
@@ -8,7 +8,7 @@ This follows the official Calligrapher inference scripts, with every ambiguous p
 * **Pixels**: every image goes through :mod:`train.data.image_modes` first (16-bit scaled to 8 bits,
   transparency composited on black), so no mode is clipped to white.
 * **Mask**: read as luminance, resized with nearest neighbour, then ``pixel > 127`` (the 0.5
-  threshold of SPEC §4) is 1 = paint here. The official scripts keep any pixel ``> 0``; both agree
+  threshold of docs/ARCHITECTURE.md §4) is 1 = paint here. The official scripts keep any pixel ``> 0``; both agree
   on binary 0/255 masks such as the benchmark's, and 0.5 is robust to anti-aliased or JPEG masks.
 * **Style image** (SigLIP input): the reference, aspect-preserving resized (bilinear) into a
   512 x 512 square and centred on black (:func:`pad_to_square`).

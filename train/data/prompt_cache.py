@@ -1,4 +1,4 @@
-"""Prompt-embedding cache: T5/CLIP run once per unique text, ever (SPEC §4, §13).
+"""Prompt-embedding cache: T5/CLIP run once per unique text, ever (docs/ARCHITECTURE.md §4, §13).
 
 Prompt embeddings are a pure function of (text, text encoders, template, max length), so they are
 kept in memory and, optionally, on disk under ``cache_dir/<encoder id>/<hash of text>.pt``. Once

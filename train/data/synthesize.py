@@ -1,4 +1,4 @@
-"""Synthetic text images: source / mask / ref / text records for tests, the demo and smoke runs (SPEC §4).
+"""Synthetic text images: source / mask / ref / text records for tests, the demo and smoke runs (docs/ARCHITECTURE.md §4).
 
     python -m train.data.synthesize --out data/synth --num 100 --resolution 512 --lang en,zh --seed 0
 

@@ -1,4 +1,4 @@
-"""Reward scorers (OCR, style, background, VLM judge, contrast) and their shared types (SPEC §10).
+"""Reward scorers (OCR, style, background, VLM judge, contrast) and their shared types (docs/ARCHITECTURE.md §10).
 
 Heavy dependencies (rapidocr, torch/transformers, httpx) load only with the scorer that needs them.
 """

@@ -1,4 +1,4 @@
-"""Background preservation: how unchanged the pixels outside the mask are (SPEC §10).
+"""Background preservation: how unchanged the pixels outside the mask are (docs/ARCHITECTURE.md §10).
 
 Score = 1 - mean |generated - source| / 255 over RGB pixels outside the mask, so an
 untouched background scores exactly 1 and an inverted one about 0.

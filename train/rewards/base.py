@@ -1,4 +1,4 @@
-"""Shared reward types: items, results, the scorer interface and weighted totals (SPEC §10).
+"""Shared reward types: items, results, the scorer interface and weighted totals (docs/ARCHITECTURE.md §10).
 
 A scorer maps each item to a score in [0, 1] plus details, or to a per-item error. A
 reward that could not be computed stays ``None`` with its error: it is never replaced by

@@ -1,4 +1,4 @@
-"""Luminance contrast inside the mask (SPEC §2 scorer ``contrast``).
+"""Luminance contrast inside the mask (docs/ARCHITECTURE.md §2 scorer ``contrast``).
 
 L = (0.299 R + 0.587 G + 0.114 B) / 255 (ITU-R BT.601) over the pixels whose mask value is
 above ``MASK_THRESHOLD``; score = 2 * std(L) (population std). Values in [0, 1] have a std of

@@ -1,4 +1,4 @@
-"""OCR text accuracy on the masked region (SPEC §10), Latin and Chinese, offline.
+"""OCR text accuracy on the masked region (docs/ARCHITECTURE.md §10), Latin and Chinese, offline.
 
 Recognition uses rapidocr's bundled PP-OCR ONNX weights. Fast path: one batched
 recognition call over the crops of all items' mask boxes. Recognition alone misreads text
@@ -38,7 +38,7 @@ def edit_distance(a: str, b: str) -> int:
 
 
 def text_accuracy(recognised: str, target: str) -> float:
-    """SPEC §10: ``1 - min(edit distance, len(target)) / len(target)`` on normalised text.
+    """docs/ARCHITECTURE.md §10: ``1 - min(edit distance, len(target)) / len(target)`` on normalised text.
 
     1.0 when the normalised target is contained in the normalised recognised text.
     Raises ``ValueError`` for a target that is empty after normalisation.

@@ -1,4 +1,4 @@
-"""The reward service's wire format (SPEC §10), shared by ``train.reward_server`` and the client
+"""The reward service's wire format (docs/ARCHITECTURE.md §10), shared by ``train.reward_server`` and the client
 ``train.rl_ip.reward``: request and reply models, field names and limits, in one place.
 
     POST /score  {"items": [{"id", "image", "text", "mask"?, "reference"?, "source"?}], "weights"?: {...}}

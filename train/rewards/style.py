@@ -1,6 +1,6 @@
-"""Style similarity: SigLIP embedding of the generated masked region vs the reference (SPEC §10).
+"""Style similarity: SigLIP embedding of the generated masked region vs the reference (docs/ARCHITECTURE.md §10).
 
-Both images go through exactly what the model does to its style reference (SPEC §3):
+Both images go through exactly what the model does to its style reference (docs/ARCHITECTURE.md §3):
 ``train.data.preprocess.style_image`` (aspect-preserving resize into a 512 square, centred on
 black), then the SigLIP image processor's resize (PIL bicubic to the model's input size) and
 normalisation, so the reward judges the style the way the model sees it. Score = (cos + 1) / 2.

@@ -1,4 +1,4 @@
-"""VLM judge: a vision-language model behind an OpenAI-compatible chat endpoint (SPEC §10).
+"""VLM judge: a vision-language model behind an OpenAI-compatible chat endpoint (docs/ARCHITECTURE.md §10).
 
 Works with any server speaking ``POST /v1/chat/completions`` with image parts as base64
 data URLs (vLLM, SGLang, ... serving e.g. Qwen2.5-VL). Items are sent concurrently; the

@@ -1,4 +1,4 @@
-"""Exponential moving average of the adapter weights (SPEC §9).
+"""Exponential moving average of the adapter weights (docs/ARCHITECTURE.md §9).
 
 At update ``s`` (0 for the first update) the effective decay is
 ``d_s = min((1 + s) / (10 + s), ema_decay)`` and ``shadow <- d_s * shadow + (1 - d_s) * param``.

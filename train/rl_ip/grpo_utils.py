@@ -1,4 +1,4 @@
-"""The GRPO policy loss (SPEC §7) as a pure tensor function: clipped ratio objective plus a KL penalty
+"""The GRPO policy loss (docs/ARCHITECTURE.md §7) as a pure tensor function: clipped ratio objective plus a KL penalty
 to the frozen reference adapter, measured between the two SDE step means.
 
 Also here: the GRPO-Guard terms (ratio normalisation and per-step gradient weight), which the loss takes

@@ -1,4 +1,4 @@
-"""Reward functions for RL: in-process scorers or remote reward servers, one interface (SPEC §10).
+"""Reward functions for RL: in-process scorers or remote reward servers, one interface (docs/ARCHITECTURE.md §10).
 
     reward_fn = build_reward_fn(args.reward_server_url, parse_reward_weights(args.reward_weights), ...)
     future = reward_fn.submit(items)        # overlaps the next rollout

@@ -1,4 +1,4 @@
-"""Stochastic flow-matching sampling with per-step log-probabilities (SPEC §7), as pure tensor functions.
+"""Stochastic flow-matching sampling with per-step log-probabilities (docs/ARCHITECTURE.md §7), as pure tensor functions.
 
 One step function both draws a transition and re-scores a stored one (``prev_sample=``); σ is passed
 explicitly and no scheduler state is touched. Deterministic sampling is the ``noise_level=0`` case of the
@@ -231,13 +231,13 @@ def _count(fraction: float, n: int) -> int:
 
 
 def choose_train_steps(candidates: list[int], fraction: float, generator) -> list[int]:
-    """A uniformly random subset of ``candidates`` of size ceil(fraction·len), sorted ascending (GRPO, SPEC §7)."""
+    """A uniformly random subset of ``candidates`` of size ceil(fraction·len), sorted ascending (GRPO, docs/ARCHITECTURE.md §7)."""
     k = _count(fraction, len(candidates))
     order = torch.randperm(len(candidates), generator=generator, device=_device(generator))[:k].tolist()
     return sorted(candidates[i] for i in order)
 
 
 def nft_train_steps(num_steps: int, fraction: float, generator) -> list[int]:
-    """The first ceil(fraction·num_steps) entries of a random permutation of the steps (DiffusionNFT, SPEC §8)."""
+    """The first ceil(fraction·num_steps) entries of a random permutation of the steps (DiffusionNFT, docs/ARCHITECTURE.md §8)."""
     k = _count(fraction, num_steps)
     return torch.randperm(num_steps, generator=generator, device=_device(generator))[:k].tolist()

@@ -1,4 +1,4 @@
-"""Advantages from group rewards (SPEC §6, §7): pure functions, no accelerate, no model.
+"""Advantages from group rewards (docs/ARCHITECTURE.md §6, §7): pure functions, no accelerate, no model.
 
 A *group* is the k rollouts of one dataset sample, keyed by record id. Every process calls
 :func:`compute_advantages` on the all-gathered rewards and keys and keeps its own slice, so the

@@ -1,4 +1,4 @@
-"""GRPO for the style adapter (SPEC §7), one RL epoch at a time, top to bottom:
+"""GRPO for the style adapter (docs/ARCHITECTURE.md §7), one RL epoch at a time, top to bottom:
 
 rollout   ``--rl_num_batches_per_epoch`` batches sampled with the SDE (log-probabilities kept for
           the stochastic steps); each batch's rewards are scored in the background while the

@@ -1,4 +1,4 @@
-"""DiffusionNFT loss and old-adapter decay (SPEC §8): pure tensor functions, no accelerate, no model.
+"""DiffusionNFT loss and old-adapter decay (docs/ARCHITECTURE.md §8): pure tensor functions, no accelerate, no model.
 
 The trainer runs three velocity predictions on the same noised latents ``x_t = (1 - t)·x0 + t·ε``:
 ``v_theta`` (the adapter being trained), ``v_old`` (the rollout adapter) and ``v_ref`` (the adapter

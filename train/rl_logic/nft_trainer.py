@@ -1,4 +1,4 @@
-"""DiffusionNFT for the style adapter (SPEC §8), one RL epoch at a time, top to bottom:
+"""DiffusionNFT for the style adapter (docs/ARCHITECTURE.md §8), one RL epoch at a time, top to bottom:
 
 rollout   ``--rl_num_batches_per_epoch`` batches drawn with the **old** adapter by the deterministic
           sampler; only the clean latents x0 are kept; rewards are scored in the background

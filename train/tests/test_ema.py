@@ -1,4 +1,4 @@
-"""EMA (SPEC §9) against a hand computation, including the warm-up decay."""
+"""EMA (docs/ARCHITECTURE.md §9) against a hand computation, including the warm-up decay."""
 
 from __future__ import annotations
 

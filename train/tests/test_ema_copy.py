@@ -1,4 +1,4 @@
-"""The parameter-copy primitive under EMA and the RL reference/old adapters (SPEC §8, §9):
+"""The parameter-copy primitive under EMA and the RL reference/old adapters (docs/ARCHITECTURE.md §8, §9):
 blending, low-precision storage rounded once, recovery from a non-finite copy, state round trips."""
 
 from __future__ import annotations

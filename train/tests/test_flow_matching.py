@@ -1,4 +1,4 @@
-"""The supervised objective (SPEC §6) against hand computations and against the sampler it trains."""
+"""The supervised objective (docs/ARCHITECTURE.md §6) against hand computations and against the sampler it trains."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""GRPO loss (SPEC §7) against numbers worked out by hand."""
+"""GRPO loss (docs/ARCHITECTURE.md §7) against numbers worked out by hand."""
 
 from __future__ import annotations
 

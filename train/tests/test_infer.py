@@ -1,4 +1,4 @@
-"""Inference and export (SPEC §3, §5, §11) on tiny real FLUX.1-Fill / SigLIP folders."""
+"""Inference and export (docs/ARCHITECTURE.md §3, §5, §11) on tiny real FLUX.1-Fill / SigLIP folders."""
 
 from __future__ import annotations
 

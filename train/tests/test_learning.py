@@ -1,5 +1,5 @@
 """A learning test scored by the sampler, not by the training loss: after a few supervised steps on
-one sample, the clean latent the model predicts from fresh noise is closer to the truth (SPEC §6)."""
+one sample, the clean latent the model predicts from fresh noise is closer to the truth (docs/ARCHITECTURE.md §6)."""
 
 from __future__ import annotations
 

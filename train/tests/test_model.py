@@ -1,4 +1,4 @@
-"""The style-adapter model on tiny real FLUX.1-Fill / SigLIP components (SPEC §3)."""
+"""The style-adapter model on tiny real FLUX.1-Fill / SigLIP components (docs/ARCHITECTURE.md §3)."""
 
 from __future__ import annotations
 

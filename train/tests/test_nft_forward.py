@@ -1,6 +1,6 @@
 """DiffusionNFT loss, r mapping and old-adapter decay (train/rl_logic/nft_forward.py) against hand computations.
 
-Expected values are worked out with plain Python floats from the formulas of SPEC §8, element by element.
+Expected values are worked out with plain Python floats from the formulas of docs/ARCHITECTURE.md §8, element by element.
 """
 
 from __future__ import annotations

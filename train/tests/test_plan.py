@@ -227,7 +227,7 @@ def test_working_memory_grows_with_batch_and_shrinks_with_checkpointing(narrow_s
 
 # ---------------------------------------------------------------------------------------------- FLOPs
 def _adapter_flops_by_hand(spec: ModelSpec, image_tokens: int, text_tokens: int, num_tokens: int) -> int:
-    """The style adapter's matmul and attention FLOPs in one forward (2 per multiply-add), from SPEC §3."""
+    """The style adapter's matmul and attention FLOPs in one forward (2 per multiply-add), from docs/ARCHITECTURE.md §3."""
     t = spec.transformer
     e, d, n = spec.style_dim, t["joint_attention_dim"], num_tokens
     inner = t["num_attention_heads"] * t["attention_head_dim"]
@@ -258,7 +258,7 @@ def test_full_size_forward_is_the_spec_yardstick_and_steps_compose_it():
 
     report = flop_report(ModelSpec.full(), (512, 512), 512, 128)
     parts = report["parts_gflop"]
-    assert abs(parts["base_forward"] - 21_500) < 0.01 * 21_500  # SPEC §13: ~21.5 TFLOP per 512² forward
+    assert abs(parts["base_forward"] - 21_500) < 0.01 * 21_500  # docs/ARCHITECTURE.md §13: ~21.5 TFLOP per 512² forward
     adapter = _adapter_flops_by_hand(ModelSpec.full(), 1024, 512, 128) / 1e9
     assert abs(parts["forward"] - parts["base_forward"] - adapter) < 0.01
     steps = report["steps"]

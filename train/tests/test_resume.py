@@ -1,5 +1,5 @@
 """Resuming through the real trainer and entry point: exact continuation after several
-interruptions, and one clear exit-2 line for every checkpoint or flag that cannot be continued (SPEC §5)."""
+interruptions, and one clear exit-2 line for every checkpoint or flag that cannot be continued (docs/ARCHITECTURE.md §5)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The reward client's contract, pinned against a scripted HTTP server on a loopback port (replies
 the real server never sends: 429, mismatched ids, missing scores) and by hand-computed numbers:
-weighted rewards, the failure budget's boundaries, log statistics (SPEC §10)."""
+weighted rewards, the failure budget's boundaries, log statistics (docs/ARCHITECTURE.md §10)."""
 
 from __future__ import annotations
 

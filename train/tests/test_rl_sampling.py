@@ -1,4 +1,4 @@
-"""SDE sampling with log-probabilities (SPEC §7) against float64 references written from the formulas,
+"""SDE sampling with log-probabilities (docs/ARCHITECTURE.md §7) against float64 references written from the formulas,
 plus the SDE window and trained-step choices."""
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def _inputs(seed=0, dtype=torch.float32):
 
 
 def _reference(velocity, sigma, sigma_next, sample, a, prev_sample, sde_type, sigma_max=None):
-    """float64 mean, std_t, transition std and log-density of ``prev_sample``, straight from SPEC §7."""
+    """float64 mean, std_t, transition std and log-density of ``prev_sample``, straight from docs/ARCHITECTURE.md §7."""
     v, x, xp = velocity.double(), sample.double(), prev_sample.double()
     sig = torch.as_tensor(sigma, dtype=torch.float64).expand(x.shape[0]).reshape(-1, 1, 1, 1)
     sig_n = torch.as_tensor(sigma_next, dtype=torch.float64).expand(x.shape[0]).reshape(-1, 1, 1, 1)

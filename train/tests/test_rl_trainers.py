@@ -1,4 +1,4 @@
-"""Both RL trainers on tiny components (SPEC §6–§9): invariants, learning, resume, copies, window, faults.
+"""Both RL trainers on tiny components (docs/ARCHITECTURE.md §6–§9): invariants, learning, resume, copies, window, faults.
 
 Learning tests guard the signs: from a fixed seed the held-out reward (deterministic samples on
 fixed noise, a set the run never trains on) rises under the ``contrast`` reward and falls under

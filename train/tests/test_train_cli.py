@@ -1,4 +1,4 @@
-"""``python -m train.train``: supervised runs, checkpoints, exact resume, invariants (SPEC §2, §5, §6)."""
+"""``python -m train.train``: supervised runs, checkpoints, exact resume, invariants (docs/ARCHITECTURE.md §2, §5, §6)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Start-up validation: bad flags fail before any model is loaded, one clear line each (SPEC §2)."""
+"""Start-up validation: bad flags fail before any model is loaded, one clear line each (docs/ARCHITECTURE.md §2)."""
 
 from __future__ import annotations
 

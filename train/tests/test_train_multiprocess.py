@@ -1,4 +1,4 @@
-"""Two CPU processes (``accelerate launch``, gloo) train to the same weights as one process (SPEC §6, §12)."""
+"""Two CPU processes (``accelerate launch``, gloo) train to the same weights as one process (docs/ARCHITECTURE.md §6, §12)."""
 
 from __future__ import annotations
 

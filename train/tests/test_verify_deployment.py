@@ -1,4 +1,4 @@
-"""``verify_deployment.py`` (SPEC §11): passes on a complete tiny set-up, fails naming each problem."""
+"""``verify_deployment.py`` (docs/ARCHITECTURE.md §11): passes on a complete tiny set-up, fails naming each problem."""
 
 from __future__ import annotations
 
