@@ -1,35 +1,51 @@
-"""Checkpoint folders: ``OUTPUT_DIR/checkpoint-{step}/`` written atomically, found, validated, pruned, resumed (SPEC §5).
+"""Checkpoint folders: ``OUTPUT_DIR/checkpoint-{step}/`` written atomically, found, validated, pruned, resumed (docs/ARCHITECTURE.md §5).
 
 A checkpoint holds ``ip-adapter.bin`` (+ ``ip-adapter-ema.bin`` with EMA), accelerate's full
-training state and ``trainer_state.json`` (global step, data position, EMA update count, the
-run's flags under ``"config"``). accelerate 1.15's ``save_state`` writes, for one prepared
-model and optimizer and one registered LR scheduler: ``model.safetensors``, ``optimizer.bin``,
+training state, ``trainer_state.json`` (global step, data position, EMA update count, the
+run's flags under ``"config"``) and ``manifest.json`` (the size and sha256 of every other file,
+whether the weights were finite, the checkpoint's lineage: below). accelerate 1.15's
+``save_state`` writes, for one prepared model and optimizer and one registered LR scheduler:
+``model.safetensors``, ``optimizer.bin``,
 ``custom_checkpoint_0.pkl`` (the scheduler), ``random_states_{rank}.pkl`` (and ``scheduler.bin``
 / ``scaler.pt`` when a scheduler is prepared / fp16 is used; FSDP and DeepSpeed write
 ``pytorch_model*`` / ``optimizer_*`` entries instead). Every ``.bin``/``.pkl``/``.pt`` is a
 ``torch.save`` zip archive.
+
+Lineage: every start of a run (fresh or resumed) is a new branch with a random id.
+``OUTPUT_DIR/run.json`` (:func:`begin_run`) records the branch writing into the folder and its
+ancestry, newest first: ``[[branch, None], [parent_branch, fork_step], ...]`` — the parent
+branch's checkpoints count up to the step this branch resumed from. Each checkpoint's manifest
+copies the lineage it was written under. ``latest`` and pruning consider only the checkpoints
+of this lineage, so a run resumed from an earlier step never jumps back to the branch it left.
+Folders without ``run.json`` or checkpoints without a manifest (older versions) count as one lineage.
 
 Safety rules:
 
 - Writes go to a hidden ``.checkpoint-{step}.partial`` folder renamed into place when complete.
   Rewriting an existing step first sets the old folder aside (``.checkpoint-{step}.old``), so a
   crash at any moment leaves one complete copy; :func:`remove_partial` puts it back.
-- Pruning (``--checkpoints_total_limit``) after saving step ``s`` looks only at checkpoints with
-  step <= ``s`` and keeps the newest ``limit`` of them by step (``s`` itself always survives).
-  Checkpoints with a higher step (an older branch of the run) are left alone.
-- A fresh run refuses an output folder that already holds checkpoints (:func:`prepare_output_dir`).
-- Resuming validates the checkpoint first (:func:`validate_checkpoint`); ``latest`` skips damaged
-  checkpoints with a note (:func:`resolve_resume`); flags are compared with the saved ones
-  (:func:`check_resume_flags`). Every problem is one :class:`CheckpointError` line naming the file.
+- Pruning (``--checkpoints_total_limit``) after saving step ``s`` looks only at this lineage's
+  checkpoints with step <= ``s`` and keeps the newest ``limit`` of them by step (``s`` itself always
+  survives) and the newest one whose weights were finite. Checkpoints with a higher step or of
+  another branch are left alone.
+- A fresh run refuses an output folder that already holds checkpoints, set-aside ones included
+  (:func:`prepare_output_dir`).
+- Resuming validates the checkpoint first (:func:`validate_checkpoint`: every file the manifest
+  lists, its size and sha256, finite weights); ``latest`` skips damaged checkpoints with a note
+  (:func:`resolve_resume`); flags are compared with the saved ones (:func:`check_resume_flags`).
+  Every problem is one :class:`CheckpointError` line naming the file.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shutil
+import uuid
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .config import ConfigError
@@ -42,8 +58,11 @@ ADAPTER_FILE = "ip-adapter.bin"
 EMA_FILE = "ip-adapter-ema.bin"
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.bin"
+MANIFEST_FILE = "manifest.json"
 BEST_FILE = "best.json"  # the best held-out checkpoint of an RL run: never pruned
-RUN_LOGS = ("logs", "train_log.txt", BEST_FILE)  # what --overwrite_output_dir removes besides checkpoints
+RUN_FILE = "run.json"  # the lineage of the run writing into OUTPUT_DIR (begin_run)
+TENSORBOARD_RUN = "logs/calligrapher"  # accelerate's TensorBoard folder for RunMonitor's project; logs/ may hold more
+RUN_LOGS = (TENSORBOARD_RUN, "train_log.txt", BEST_FILE, RUN_FILE)  # --overwrite_output_dir removes these too
 _STATE_INTS = ("global_step", "epoch", "position", "global_batch")
 _FULL_LOAD_BYTES = 64 << 20  # archives up to this size are loaded completely when validated
 _SHARDED = ("FSDP", "DEEPSPEED", "MEGATRON_LM")  # accelerate layouts without a plain model.safetensors
@@ -98,21 +117,89 @@ def remove_partial(output_dir: str | os.PathLike) -> list[Path]:
     return stale
 
 
+# ---------------------------------------------------------------------------- lineage
+def read_manifest(path: str | os.PathLike) -> dict | None:
+    """``manifest.json`` of checkpoint ``path``; None if it has none (written before manifests) or it is unreadable."""
+    manifest, _ = _manifest(Path(path))
+    return manifest
+
+
+def _manifest(root: Path) -> tuple[dict | None, str | None]:
+    """``(manifest, problem)``: ``(None, None)`` for a checkpoint written before manifests."""
+    file = root / MANIFEST_FILE
+    if not file.is_file():
+        return None, None
+    try:
+        manifest = json.loads(file.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        return None, f"not valid JSON ({type(exc).__name__})"
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not (isinstance(files, dict) and all(isinstance(v, dict) and isinstance(v.get("bytes"), int)
+                                            and isinstance(v.get("sha256"), str) for v in files.values())
+            and isinstance(manifest.get("finite", {}), dict) and isinstance(manifest.get("lineage") or [], list)):
+        return None, "not a checkpoint manifest (\"files\" with a size and sha256 each, \"finite\", \"lineage\")"
+    return manifest, None
+
+
+def _run_record(output_dir: str | os.PathLike) -> dict:
+    try:
+        record = json.loads((Path(output_dir) / RUN_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def read_lineage(output_dir: str | os.PathLike) -> list | None:
+    """The lineage ``run.json`` records for the run writing into ``output_dir``; None without one."""
+    try:
+        return [(branch, until) for branch, until in _run_record(output_dir)["lineage"]]
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def in_lineage(path: str | os.PathLike, step: int, lineage: list | None) -> bool:
+    """Whether checkpoint ``path`` (at ``step``) belongs to ``lineage`` (None: any checkpoint does). A checkpoint
+    with an unreadable manifest counts, so that validation reports it as damaged."""
+    if lineage is None:
+        return True
+    manifest, problem = _manifest(Path(path))
+    if problem:
+        return True
+    own = (manifest or {}).get("lineage") or [[None, None]]
+    return any(branch == own[0][0] and (until is None or step <= until) for branch, until in lineage)
+
+
+def begin_run(accelerator, output_dir: str | os.PathLike, parent: str | os.PathLike | None) -> None:
+    """Collective, after resolving and loading ``parent`` (None = fresh start): record in ``run.json`` that a new
+    branch continues ``parent``'s lineage from its step, so that ``latest`` means this run's newest checkpoint."""
+    lineage = [[uuid.uuid4().hex[:12], None]]
+    if parent is not None:
+        own = (read_manifest(parent) or {}).get("lineage") or [[None, None]]
+        lineage += [[own[0][0], read_trainer_state(parent)["global_step"]]] + own[1:]
+    record = {"lineage": lineage, "parent": str(Path(parent).resolve()) if parent is not None else None}
+    accelerator.wait_for_everyone()  # every process has resolved --resume_from_checkpoint against the old record
+    if accelerator.is_main_process:
+        atomic_write_text(Path(output_dir) / RUN_FILE, json.dumps(record, indent=2))
+    accelerator.wait_for_everyone()
+
+
 def prepare_output_dir(output_dir: str | os.PathLike, resume: str | None, overwrite: bool,
                        remove: bool = True) -> list[Path]:
     """Check that a run may write into ``output_dir``; with ``overwrite`` delete the previous run's files.
 
-    A fresh run (no ``resume``) into a folder holding checkpoints raises :class:`CheckpointError`:
-    its checkpoints would mix with the old ones and ``latest`` would pick the old run's.
-    ``overwrite`` deletes the old run's checkpoints (complete, half-written and set-aside ones),
-    its TensorBoard ``logs/`` and ``train_log.txt``; other files (e.g. ``prompt_cache/``) stay.
+    A fresh run (no ``resume``) into a folder holding checkpoints (or one set aside by an interrupted
+    rewrite, which :func:`remove_partial` would put back) raises :class:`CheckpointError`: its
+    checkpoints would mix with the old ones. ``overwrite`` deletes the old run's checkpoints (complete,
+    half-written and set-aside ones), its TensorBoard folder ``logs/calligrapher``, ``train_log.txt``,
+    ``best.json`` and ``run.json``; other files (``prompt_cache/``, anything else kept in ``logs/``) stay.
     Returns what was deleted. Call it on every process; pass ``remove=False`` on all but the main one.
     """
     root = Path(output_dir)
     if overwrite and resume:
         raise CheckpointError(f"--overwrite_output_dir deletes the checkpoints that --resume_from_checkpoint "
                               f"{resume} would continue from: pass one of them, not both")
-    existing = checkpoint_dirs(root)
+    aside = [(int(m.group(1)), p) for p in (root.iterdir() if root.is_dir() else ()) if (m := _ASIDE.match(p.name))]
+    existing = sorted(checkpoint_dirs(root) + aside, key=lambda sp: sp[0])
     if not existing or resume:
         return []
     names = ", ".join(p.name for _, p in existing[-3:]) + (f" and {len(existing) - 3} more" if len(existing) > 3 else "")
@@ -120,7 +207,7 @@ def prepare_output_dir(output_dir: str | os.PathLike, resume: str | None, overwr
         raise CheckpointError(f"--output_dir {root} already holds checkpoints of another run ({names}); continue "
                               f"it with --resume_from_checkpoint latest, choose another --output_dir, or pass "
                               f"--overwrite_output_dir to delete them")
-    doomed = [p for _, p in existing] + sorted(root.glob(".checkpoint-*")) + \
+    doomed = [p for _, p in checkpoint_dirs(root)] + sorted(root.glob(".checkpoint-*")) + \
         [root / name for name in RUN_LOGS if (root / name).exists()]
     if remove:
         for p in doomed:
@@ -146,7 +233,9 @@ def save_checkpoint(accelerator, output_dir, step: int, adapter, trainer_state: 
     """Collective: every process must call it. Returns the final checkpoint path.
 
     ``config`` (the run's flags, ``cfg.to_dict()``) is stored in ``trainer_state.json`` under
-    ``"config"`` so that a resume can compare flags (:func:`check_resume_flags`).
+    ``"config"`` so that a resume can compare flags (:func:`check_resume_flags`). ``manifest.json``,
+    written last, records every file's size and sha256, whether the adapter (and EMA) weights are
+    finite, and the lineage ``run.json`` names.
     """
     output_dir = Path(output_dir)
     final = output_dir / f"checkpoint-{step}"
@@ -155,20 +244,47 @@ def save_checkpoint(accelerator, output_dir, step: int, adapter, trainer_state: 
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()  # every process's files (RNG states, shards) are complete before they are hashed
     full_state = accelerator.get_state_dict(adapter)  # gathers shards under FSDP / DeepSpeed
     if accelerator.is_main_process:
         save_adapter_file(split_adapter_state(full_state), tmp / ADAPTER_FILE)
+        finite = {ADAPTER_FILE: _all_finite(full_state.values())}
         if ema is not None:
             save_adapter_file(split_adapter_state(ema.shadow), tmp / EMA_FILE)
+            finite[EMA_FILE] = _all_finite(ema.shadow.values())
         state = dict(trainer_state, ema_num_updates=ema.num_updates if ema is not None else None)
         if config is not None:
             state["config"] = config
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2, default=str))
+        files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
+        digests = _sha256_files(tmp, files)
+        manifest = {"lineage": read_lineage(output_dir), "finite": finite,
+                    "files": {n: {"bytes": (tmp / n).stat().st_size, "sha256": digests[n]} for n in files}}
+        atomic_write_text(tmp / MANIFEST_FILE, json.dumps(manifest, indent=2))
         _move_into_place(tmp, final)
         if total_limit:
             prune_checkpoints(output_dir, step, total_limit)
     accelerator.wait_for_everyone()
     return final
+
+
+def _all_finite(tensors) -> bool:
+    return all(bool(t.isfinite().all()) for t in tensors if t.is_floating_point())
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in 16 MB pieces."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(16 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _sha256_files(root: Path, names: list[str]) -> dict[str, str]:
+    """``{name: sha256}`` of ``root / name`` for each name, several files at a time (hashlib releases the GIL)."""
+    with ThreadPoolExecutor(max(1, min(8, len(names)))) as pool:
+        return dict(zip(names, pool.map(lambda n: file_sha256(root / n), names)))
 
 
 def _move_into_place(tmp: Path, final: Path) -> None:
@@ -196,11 +312,15 @@ def write_best(output_dir: str | os.PathLike, record: dict) -> None:
 
 
 def prune_checkpoints(output_dir: str | os.PathLike, step: int, total_limit: int) -> list[Path]:
-    """After saving ``step``: among checkpoints with step <= ``step`` keep the newest ``total_limit``; returns the
-    deleted. The checkpoint ``best.json`` names is never deleted and does not count towards the limit."""
-    best = best_checkpoint(output_dir)
-    older = [p for s, p in checkpoint_dirs(output_dir) if s <= step and p.name != best]
+    """After saving ``step``: among this lineage's checkpoints with step <= ``step`` keep the newest ``total_limit``
+    and the newest whose weights were finite; returns the deleted. The checkpoint ``best.json`` names is never
+    deleted and does not count towards the limit."""
+    best, lineage = best_checkpoint(output_dir), read_lineage(output_dir)
+    ours = [(s, p) for s, p in checkpoint_dirs(output_dir) if in_lineage(p, s, lineage)]
+    older = [p for s, p in ours if s <= step and p.name != best]
     doomed = older[:-total_limit] if total_limit > 0 else []
+    finite = [p for p in older if all((read_manifest(p) or {}).get("finite", {}).values())]
+    doomed = [p for p in doomed if p not in finite[-1:]]  # weights to go back to when the newer ones hold NaN/Inf
     for p in doomed:
         shutil.rmtree(p, ignore_errors=True)
     return doomed
@@ -220,10 +340,14 @@ def validate_checkpoint(path: str | os.PathLike, expect_ema: bool | None = None,
                         model_shapes: dict[str, tuple] | None = None) -> list[str]:
     """Problems that would stop ``path`` from resuming a run, each ``"<file>: <problem>"``; empty = usable.
 
-    Cheap enough for the largest checkpoints: torch archives above 64 MB are checked for a complete
-    zip directory (what truncation destroys), smaller ones are loaded; ``model.safetensors`` is
-    checked against its header and, with ``model_shapes`` (``{name: shape}`` of the adapter being
-    resumed), against the model. ``expect_ema`` requires ``ip-adapter-ema.bin``.
+    Every file the manifest lists must be there with its recorded size and sha256 (zip archives
+    and safetensors carry no checksum the loaders verify, so this is what catches a flipped bit),
+    and weights recorded as non-finite are refused. Torch archives above 64 MB are checked for a
+    complete zip directory (what truncation destroys), smaller ones are loaded; ``model.safetensors``
+    is checked against its header and, with ``model_shapes`` (``{name: shape}`` of the adapter being
+    resumed), against the model. ``expect_ema`` requires ``ip-adapter-ema.bin``; without it the EMA
+    file is not checked (a run resumed without EMA does not read it). Each file gets one problem at
+    most. Hashing reads every byte once (several files at a time): seconds for a full-size checkpoint.
     """
     root = Path(path)
     if not root.is_dir():
@@ -233,12 +357,19 @@ def validate_checkpoint(path: str | os.PathLike, expect_ema: bool | None = None,
         return [f"{root}: not a checkpoint folder (none of {STATE_FILE}, {ADAPTER_FILE}, {MODEL_FILE}, "
                 f"{OPTIMIZER_FILE})"]
     problems = []
+    manifest, problem = _manifest(root)
+    if problem:
+        problems.append(f"{MANIFEST_FILE}: {problem}")
+    recorded, unused = (manifest or {}).get("files", {}), set() if expect_ema else {EMA_FILE}
     required = [STATE_FILE, ADAPTER_FILE] + ([EMA_FILE] if expect_ema else [])
     sharded = any(n.startswith("pytorch_model") for n in names)  # FSDP / DeepSpeed write their own layout
     if not sharded:
         required += [OPTIMIZER_FILE] + ([] if "model.bin" in names else [MODEL_FILE])
-    problems += [f"{name}: missing" + (" (the run was written without --use_ema)" if name == EMA_FILE else "")
-                 for name in required if name not in names]
+    required += [n for n in recorded if n not in unused]  # all the layout wrote: custom_checkpoint_*.pkl, RNG states
+    ema_gone = (" (saved with this checkpoint and deleted since; resume without --use_ema to go on without it)"
+                if EMA_FILE in recorded else " (the run was written without --use_ema)")
+    problems += [f"{name}: missing" + (ema_gone if name == EMA_FILE else "")
+                 for name in dict.fromkeys(required) if not (root / name).is_file()]
     if STATE_FILE in names:
         problem = _state_problem(root / STATE_FILE, root.name, expect_ema=bool(expect_ema) and EMA_FILE in names)
         if problem:
@@ -250,6 +381,17 @@ def validate_checkpoint(path: str | os.PathLike, expect_ema: bool | None = None,
             problem = _archive_problem(root / name)
             if problem:
                 problems.append(f"{name}: {problem}")
+    skip = unused | {p.split(": ", 1)[0] for p in problems}  # files with a problem already, or not read
+    present = [n for n in recorded if n not in skip and (root / n).is_file()]
+    resized = {n: (root / n).stat().st_size for n in present if (root / n).stat().st_size != recorded[n]["bytes"]}
+    problems += [f"{n}: {size} bytes, {MANIFEST_FILE} records {recorded[n]['bytes']} (changed since it was saved)"
+                 for n, size in resized.items()]
+    same_size = [n for n in present if n not in resized]
+    digests = _sha256_files(root, same_size)
+    problems += [f"{n}: content differs from the sha256 in {MANIFEST_FILE} (changed on disk since it was saved)"
+                 for n in same_size if digests[n] != recorded[n]["sha256"]]
+    problems += [f"{n}: holds NaN/Inf weights (found when it was saved)"
+                 for n, ok in (manifest or {}).get("finite", {}).items() if not ok and n not in skip]
     return problems
 
 
@@ -331,9 +473,11 @@ def resolve_resume(output_dir: str | os.PathLike, spec: str | None, expect_ema: 
                    model_shapes: dict | None = None, log=print) -> Path | None:
     """The checkpoint ``--resume_from_checkpoint spec`` means, validated; None = start fresh.
 
-    ``latest``: the highest step whose checkpoint validates; each newer damaged one is reported
-    through ``log`` and skipped; no checkpoint at all = None (with a note); all damaged = error.
-    A named folder must validate. Raises :class:`CheckpointError` (one line).
+    ``latest``: the highest step of this lineage (``run.json``: the run being continued, and the
+    checkpoint it resumed from, also outside ``output_dir``) whose checkpoint validates; each newer
+    damaged one and each newer one of another branch is reported through ``log`` and skipped; no
+    checkpoint at all = None (with a note); none of this lineage, or all damaged = error. A named
+    folder must validate. Raises :class:`CheckpointError` (one line).
     """
     if not spec:
         return None
@@ -342,20 +486,44 @@ def resolve_resume(output_dir: str | os.PathLike, spec: str | None, expect_ema: 
         if problems:
             raise CheckpointError(f"--resume_from_checkpoint {spec}: " + "; ".join(problems))
         return Path(spec)
-    found = checkpoint_dirs(output_dir)
+    root, lineage = Path(output_dir), read_lineage(output_dir)
+    found, others = [], []
+    for step, path in checkpoint_dirs(root):
+        (found if in_lineage(path, step, lineage) else others).append((step, path))
+    parent = _run_record(root).get("parent")
+    if parent and len(lineage or ()) > 1 and Path(parent).parent != root.resolve() and Path(parent).is_dir():
+        found = sorted(found + [(lineage[1][1], Path(parent))], key=lambda sp: sp[0])  # resumed from another folder
+    if not found and others:
+        names = ", ".join(p.name for _, p in others)
+        raise CheckpointError(f"--resume_from_checkpoint latest: none of the checkpoints in {output_dir} ({names}) "
+                              f"belongs to the run being continued ({RUN_FILE}); name one with "
+                              f"--resume_from_checkpoint PATH, or start over with --overwrite_output_dir")
     if not found:
         log(f"--resume_from_checkpoint latest: no checkpoint in {output_dir}, starting fresh")
         return None
-    damaged = []
+    damaged, step_of = [], {p: s for s, p in found}
     for _, path in reversed(found):
         problems = validate_checkpoint(path, expect_ema, model_shapes)
         if not problems:
             for bad, why in damaged:
                 log(f"--resume_from_checkpoint latest: skipping damaged {bad} ({why}); using {path.name}")
+            newer = [p.name for s, p in others if s > step_of[path]]
+            if newer:
+                log(f"--resume_from_checkpoint latest: leaving {', '.join(newer)} alone: another branch of this "
+                    f"folder, which the run being continued left when it resumed from an earlier step; using "
+                    f"{path.name}")
             return path
         damaged.append((path, "; ".join(problems)))
     raise CheckpointError(f"--resume_from_checkpoint latest: no usable checkpoint in {output_dir}: "
                           + " | ".join(f"{p.name}: {why}" for p, why in damaged))
+
+
+def latest_resumable(output_dir: str | os.PathLike, expect_ema: bool | None = None) -> Path | None:
+    """What ``--resume_from_checkpoint latest`` would continue from now, validated; None if nothing (never raises)."""
+    try:
+        return resolve_resume(output_dir, "latest", expect_ema, log=lambda _: None)
+    except CheckpointError:
+        return None
 
 
 def load_checkpoint(accelerator, path, ema=None, config: dict | None = None, log=print) -> dict:

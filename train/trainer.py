@@ -700,7 +700,7 @@ class Trainer:
                                         ema=self.ema, total_limit=self.cfg.checkpoints_total_limit,
                                         config=self.cfg.to_dict())
         except (OSError, SafetensorError) as exc:  # disk full, quota, a vanished mount: earlier checkpoints are intact
-            newest = ckpt.latest_checkpoint(self.cfg.output_dir)
+            newest = ckpt.latest_resumable(self.cfg.output_dir, self.cfg.use_ema)
             reason = f"{exc.strerror} ({exc.filename})" if isinstance(exc, OSError) and exc.strerror else str(exc)
             raise RunStopped(f"could not write the checkpoint of global_step {self.global_step} in "
                              f"{self.cfg.output_dir}: {reason}; "

@@ -1,5 +1,5 @@
-"""Checkpoint folders on a real accelerator with the tiny style adapter: latest, pruning, atomic
-rewrites, refusing a used output folder, validation of damaged checkpoints (SPEC §5)."""
+"""Checkpoint folders on a real accelerator with the tiny style adapter: latest, lineage, pruning, atomic
+rewrites, refusing a used output folder, validation of damaged checkpoints (docs/ARCHITECTURE.md §5)."""
 
 from __future__ import annotations
 
@@ -94,6 +94,110 @@ def test_pruning_never_removes_this_runs_checkpoints_for_older_higher_steps(run)
     assert steps(run.out) == [60, 180, 200]
 
 
+# ---------------------------------------------------------------------------- lineage
+def resume_from(run, path) -> None:
+    """What a restart with ``--resume_from_checkpoint path`` does: load, then begin a new branch."""
+    run.step = ckpt.load_checkpoint(run.acc, path, run.ema)["global_step"]
+    ckpt.begin_run(run.acc, run.out, path)
+
+
+def test_latest_continues_the_branch_a_resumed_run_started_not_the_one_it_left(run):
+    ckpt.begin_run(run.acc, run.out, None)
+    for _ in range(4):
+        run.train(2)
+        run.save(limit=3)  # the abandoned branch: checkpoints 4, 6, 8
+    resume_from(run, run.out / "checkpoint-4")
+    notes = []
+    assert ckpt.resolve_resume(run.out, "latest", True, log=notes.append) == run.out / "checkpoint-4"  # crash at once
+    assert notes == [("--resume_from_checkpoint latest: leaving checkpoint-6, checkpoint-8 alone: another branch of "
+                      "this folder, which the run being continued left when it resumed from an earlier step; using "
+                      "checkpoint-4")]
+    run.train(1)
+    run.save(limit=3)
+    new = run.weights()
+    run.train(1)  # ... and the process dies at step 6, before its checkpoint
+    assert steps(run.out) == [4, 5, 6, 8]  # pruning leaves the other branch alone
+    assert ckpt.resolve_resume(run.out, "latest", True, log=notes.append) == run.out / "checkpoint-5"
+    assert ckpt.latest_resumable(run.out, True) == run.out / "checkpoint-5"
+    resume_from(run, run.out / "checkpoint-5")  # the restart continues the new branch
+    assert all(torch.equal(run.weights()[k], new[k]) for k in new) and run.step == 5
+    run.train(1)
+    run.save(limit=3)  # rewrites the old branch's checkpoint-6
+    resume_from(run, ckpt.resolve_resume(run.out, "latest", True, log=notes.append))
+    assert run.step == 6
+    lineage = ckpt.read_lineage(run.out)
+    assert [until for _, until in lineage] == [None, 6, 5, 4] and len({b for b, _ in lineage}) == 4
+    assert ckpt.read_manifest(run.out / "checkpoint-8")["lineage"][0][0] == lineage[-1][0]
+
+
+def test_a_crash_while_rewriting_another_branchs_step_does_not_bring_that_branch_back(run, monkeypatch):
+    ckpt.begin_run(run.acc, run.out, None)
+    for _ in range(2):
+        run.train(2)
+        run.save()  # checkpoints 2 and 4
+    resume_from(run, run.out / "checkpoint-2")
+    run.train(2)
+    _fail_when(monkeypatch, os, "replace", lambda src, dst: str(src).endswith(".partial"))
+    with pytest.raises(OSError, match="simulated crash"):
+        run.save()  # the old branch's checkpoint-4 is set aside, the new one never lands
+    monkeypatch.undo()
+    ckpt.remove_partial(run.out)  # what the next start does: the old checkpoint-4 is back
+    assert steps(run.out) == [2, 4]
+    notes = []
+    assert ckpt.resolve_resume(run.out, "latest", True, log=notes.append) == run.out / "checkpoint-2"
+    assert len(notes) == 1 and "leaving checkpoint-4 alone: another branch" in notes[0]
+
+
+def test_latest_in_a_folder_none_of_whose_checkpoints_belong_to_the_run(run, tmp_path):
+    ckpt.begin_run(run.acc, run.out, None)
+    run.save(2)
+    ckpt.begin_run(run.acc, run.out, None)  # a new branch without a parent: checkpoint-2 is not its own
+    with pytest.raises(CheckpointError) as err:
+        ckpt.resolve_resume(run.out, "latest", True)
+    msg = str(err.value)
+    assert "\n" not in msg and "checkpoint-2" in msg and "--overwrite_output_dir" in msg
+    assert ckpt.latest_resumable(run.out, True) is None
+    other = Run(tmp_path / "other")  # resumed from another folder's checkpoint, crashed before its first one
+    resume_from(other, run.out / "checkpoint-2")
+    assert ckpt.resolve_resume(other.out, "latest", True) == run.out / "checkpoint-2"
+
+
+def test_folders_and_checkpoints_without_lineage_count_as_one(run):
+    """Written before run.json and manifests: every checkpoint is the run's, as before."""
+    run.save(2)
+    run.save(4)
+    for _, path in ckpt.checkpoint_dirs(run.out):
+        (path / ckpt.MANIFEST_FILE).unlink()
+    assert ckpt.resolve_resume(run.out, "latest", True) == run.out / "checkpoint-4"
+    resume_from(run, run.out / "checkpoint-2")  # a new branch from an old checkpoint
+    assert ckpt.read_lineage(run.out)[1:] == [(None, 2)]
+    assert ckpt.resolve_resume(run.out, "latest", True, log=lambda _: None) == run.out / "checkpoint-2"
+
+
+def test_pruning_keeps_the_newest_checkpoint_with_finite_weights(run):
+    ckpt.begin_run(run.acc, run.out, None)
+    run.train()
+    run.save(limit=1)
+    resume_from(run, run.out / "checkpoint-1")
+    run.train()
+    with torch.no_grad():
+        next(run.adapter.parameters()).view(-1)[0] = float("nan")  # a step that slipped past the guards
+    for _ in range(2):
+        run.save(limit=1)
+        run.step += 1
+    assert steps(run.out) == [1, 3]  # checkpoint-2 went; checkpoint-1 holds the last finite weights
+    assert ckpt.read_manifest(run.out / "checkpoint-3")["finite"] == {ckpt.ADAPTER_FILE: False, ckpt.EMA_FILE: True}
+    assert ckpt.validate_checkpoint(run.out / "checkpoint-3", expect_ema=True) == [
+        "ip-adapter.bin: holds NaN/Inf weights (found when it was saved)"]
+    notes = []
+    assert ckpt.resolve_resume(run.out, "latest", expect_ema=True, log=notes.append) == run.out / "checkpoint-1"
+    assert len(notes) == 1 and "checkpoint-3 (ip-adapter.bin: holds NaN/Inf" in notes[0]
+    with torch.no_grad():
+        next(run.adapter.parameters()).view(-1)[0] = 0.0
+    run.save(limit=1)  # finite again: the older ones go
+    assert steps(run.out) == [4]
+
+
 # ---------------------------------------------------------------------------- a used output folder
 def test_fresh_run_into_a_folder_with_checkpoints_is_refused(run):
     run.save(180)
@@ -111,9 +215,15 @@ def test_fresh_run_into_a_folder_with_checkpoints_is_refused(run):
 
 
 def test_overwrite_removes_the_old_runs_checkpoints_and_logs_only(run):
+    ckpt.begin_run(run.acc, run.out, None)
     run.save(180)
     (run.out / ".checkpoint-200.partial").mkdir()
-    (run.out / "logs").mkdir()
+    tensorboard = run.out / ckpt.TENSORBOARD_RUN
+    (tensorboard / "1700000000.5").mkdir(parents=True)
+    (tensorboard / "events.out.tfevents.1700000000.host.1.0").write_bytes(b"old curves")
+    (run.out / "logs" / "baseline").mkdir()  # a researcher's own files beside the run's TensorBoard folder
+    (run.out / "logs" / "baseline" / "events.out.tfevents.1600000000.host.9.0").write_bytes(b"kept")
+    (run.out / "logs" / "notes.md").write_text("kept\n")
     (run.out / "train_log.txt").write_text("old run\n")
     (run.out / "prompt_cache").mkdir()
     with pytest.raises(CheckpointError, match="contradict|not both"):
@@ -121,8 +231,27 @@ def test_overwrite_removes_the_old_runs_checkpoints_and_logs_only(run):
     assert ckpt.prepare_output_dir(run.out, None, overwrite=True, remove=False)  # other ranks: check only
     assert steps(run.out) == [180]
     removed = ckpt.prepare_output_dir(run.out, resume=None, overwrite=True)
-    assert sorted(p.name for p in removed) == [".checkpoint-200.partial", "checkpoint-180", "logs", "train_log.txt"]
-    assert sorted(p.name for p in run.out.iterdir()) == ["prompt_cache"]
+    assert sorted(p.relative_to(run.out).as_posix() for p in removed) == [
+        ".checkpoint-200.partial", "checkpoint-180", ckpt.TENSORBOARD_RUN, ckpt.RUN_FILE, "train_log.txt"]
+    assert sorted(p.relative_to(run.out).as_posix() for p in run.out.rglob("*")) == [
+        "logs", "logs/baseline", "logs/baseline/events.out.tfevents.1600000000.host.9.0", "logs/notes.md",
+        "prompt_cache"]
+
+
+def test_a_fresh_run_does_not_adopt_a_checkpoint_set_aside_by_an_interrupted_rewrite(run, monkeypatch):
+    run.save(3)
+    run.train()
+    _fail_when(monkeypatch, os, "replace", lambda src, dst: str(src).endswith(".partial"))
+    with pytest.raises(OSError, match="simulated crash"):
+        run.save(3)  # the crash leaves only .checkpoint-3.old (and the half-written copy)
+    monkeypatch.undo()
+    assert steps(run.out) == [] and (run.out / ".checkpoint-3.old").is_dir()
+    with pytest.raises(CheckpointError) as err:
+        ckpt.prepare_output_dir(run.out, resume=None, overwrite=False)
+    assert ".checkpoint-3.old" in str(err.value) and "--resume_from_checkpoint latest" in str(err.value)
+    removed = ckpt.prepare_output_dir(run.out, resume=None, overwrite=True)
+    assert sorted(p.name for p in removed) == [".checkpoint-3.old", ".checkpoint-3.partial"]
+    assert ckpt.remove_partial(run.out) == [] and steps(run.out) == []
 
 
 # ---------------------------------------------------------------------------- atomic rewrites
@@ -181,6 +310,14 @@ def _truncate(path, keep: float = 0.5):
     path.write_bytes(data[: int(len(data) * keep)])
 
 
+def _grow_archive(path):
+    """Append a member to a torch archive: still a valid archive that loads, but not the file that was saved."""
+    import zipfile
+
+    with zipfile.ZipFile(path, "a") as z:
+        z.writestr(z.namelist()[0].split("/")[0] + "/extra", b"x" * 64)
+
+
 def _garble_pickle(path):
     """Rewrite a torch archive with a broken pickle inside and an intact zip structure."""
     import zipfile
@@ -190,6 +327,24 @@ def _garble_pickle(path):
     with zipfile.ZipFile(path, "w") as z:
         for info, data in members:
             z.writestr(info, b"\x80\x02garbage" if info.filename.endswith("data.pkl") else data)
+
+
+def _flip_a_bit_in_tensor_data(path):
+    """Flip one bit inside the tensor bytes of a safetensors file or a torch zip archive, leaving every
+    header, pickle and zip record intact (neither loader checks a checksum)."""
+    import zipfile
+
+    data = bytearray(path.read_bytes())
+    if path.suffix == ".safetensors":
+        at = 8 + int.from_bytes(data[:8], "little") + 4
+    else:
+        with zipfile.ZipFile(path) as z:
+            info = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+        head = info.header_offset
+        at = head + 30 + int.from_bytes(data[head + 26:head + 28], "little") + \
+            int.from_bytes(data[head + 28:head + 30], "little") + info.file_size // 2
+    data[at] ^= 0x10
+    path.write_bytes(bytes(data))
 
 
 DAMAGE = {
@@ -221,6 +376,20 @@ DAMAGE = {
         json.dumps({"global_step": 7, "epoch": 0, "position": 7, "global_batch": 1, "ema_num_updates": 7})), "does not match"),
     "truncated EMA": ("ip-adapter-ema.bin", lambda d: _truncate(d / "ip-adapter-ema.bin"), "truncated"),
     "missing EMA": ("ip-adapter-ema.bin", lambda d: (d / "ip-adapter-ema.bin").unlink(), "without --use_ema"),
+    "missing scheduler state": ("custom_checkpoint_0.pkl", lambda d: (d / "custom_checkpoint_0.pkl").unlink(),
+                                "missing"),
+    "missing rng state": ("random_states_0.pkl", lambda d: (d / "random_states_0.pkl").unlink(), "missing"),
+    "a flipped bit in the model": ("model.safetensors", lambda d: _flip_a_bit_in_tensor_data(d / "model.safetensors"),
+                                   "content differs from the sha256 in manifest.json"),
+    "a flipped bit in the optimizer": ("optimizer.bin", lambda d: _flip_a_bit_in_tensor_data(d / "optimizer.bin"),
+                                       "content differs from the sha256 in manifest.json"),
+    "a flipped bit in the EMA": ("ip-adapter-ema.bin", lambda d: _flip_a_bit_in_tensor_data(
+        d / "ip-adapter-ema.bin"), "content differs"),
+    "an edited trainer state": ("trainer_state.json", lambda d: (d / "trainer_state.json").write_text(
+        (d / "trainer_state.json").read_text().replace('"position": 2', '"position": 3')), "content differs"),
+    "an archive that grew": ("random_states_0.pkl", lambda d: _grow_archive(d / "random_states_0.pkl"),
+                             "bytes, manifest.json records"),
+    "garbage manifest": ("manifest.json", lambda d: (d / "manifest.json").write_text("{not json"), "not valid JSON"),
 }
 
 
@@ -299,6 +468,24 @@ def test_latest_falls_back_to_the_newest_intact_checkpoint(run):
     msg = str(err.value)
     assert "no usable checkpoint" in msg and "checkpoint-3: optimizer.bin" in msg
     assert "checkpoint-2: model.safetensors: missing" in msg and "checkpoint-1: trainer_state.json" in msg
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "optimizer.bin", "custom_checkpoint_0.pkl"])
+def test_latest_falls_back_past_a_flipped_bit_or_a_missing_state_file(run, name):
+    for _ in range(2):
+        run.train()
+        run.save()
+    file = run.out / "checkpoint-2" / name
+    if name.endswith(".pkl"):
+        file.unlink()  # accelerate's load_state would fail on it, after validation
+    else:
+        _flip_a_bit_in_tensor_data(file)
+        from safetensors.torch import load_file
+
+        load_file(file) if name.endswith(".safetensors") else torch.load(file, weights_only=False)  # loaders accept it
+    notes = []
+    assert ckpt.resolve_resume(run.out, "latest", expect_ema=True, log=notes.append) == run.out / "checkpoint-1"
+    assert len(notes) == 1 and f"skipping damaged {run.out / 'checkpoint-2'} ({name}: " in notes[0], notes
 
 
 def test_latest_without_checkpoints_starts_fresh_with_a_note(tmp_path):
