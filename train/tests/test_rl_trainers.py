@@ -107,7 +107,7 @@ def test_grpo_with_an_sde_window_moves_the_held_out_reward_the_right_way(tiny_mo
 def test_rl_resumed_twice_equals_the_uninterrupted_run(tiny_models, data, tmp_path, method):
     """Warm-up step, then RL; the run dies after steps 2 and 3 and resumes each time with ``latest``."""
     flags = dict(rl_warmup_steps=1, use_ema=True, lr_scheduler="cosine", lr_warmup_steps=1, method=method,
-                 rl_per_prompt_stat_tracking=True, nft_decay_type=1)
+                 rl_per_prompt_stat_tracking=True, **({"nft_decay_type": 1} if method == "nft" else {}))
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert main(rl_args(tiny_models, data, straight, 4, **flags)) == 0
     run_trainer(rl_args(tiny_models, data, resumed, 4, **flags), stop_at=2)

@@ -108,8 +108,7 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tiny_models, da
         return real_save(obj, f, *a, **kw)
 
     monkeypatch.setattr(torch, "save", failing_save)
-    with pytest.raises(OSError, match="No space left"):
-        main(tiny_train_args(tiny_models, data, out, 2, resume_from_checkpoint="latest"))
+    assert main(tiny_train_args(tiny_models, data, out, 2, resume_from_checkpoint="latest")) == 5  # one error line
     monkeypatch.setattr(torch, "save", real_save)
 
     assert [s for s, _ in ckpt.list_checkpoints(out)] == [1]
