@@ -29,7 +29,6 @@ os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported: n
 import argparse  # noqa: E402
 import hmac  # noqa: E402
 import io  # noqa: E402
-import ipaddress  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
@@ -37,10 +36,10 @@ from pathlib import Path  # noqa: E402
 
 from train.app_engine import (Engine, InputError, Limits, check_header, check_inputs, editor_source,  # noqa: E402
                               example_rows, open_upload, painted_mask)
+from train.cli_flags import is_loopback  # noqa: E402
 from train.infer import add_model_args, check_common_args, quiet_loading  # noqa: E402
 
 TOKEN_ENV = "CALLIGRAPHER_APP_TOKEN"
-LOOPBACK_NAMES = ("localhost",)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,15 +64,6 @@ def build_parser() -> argparse.ArgumentParser:
     app.add_argument("--max_image_side", type=int, default=4096, help="largest image side accepted (pixels)")
     app.add_argument("--max_file_size", default="50mb", help="largest upload Gradio accepts")
     return parser
-
-
-def is_loopback(host: str) -> bool:
-    if host in LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def check_args(parser, args) -> None:

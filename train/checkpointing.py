@@ -49,13 +49,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .config import ConfigError
-from .models.checkpoint_io import AdapterFileError, atomic_write_text, read_adapter_file, save_adapter_file
+from .models.checkpoint_io import ADAPTER_FILE, EMA_FILE, AdapterFileError, atomic_write_text, read_adapter_file, save_adapter_file
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 _ASIDE = re.compile(r"^\.checkpoint-(\d+)\.old$")
 STATE_FILE = "trainer_state.json"
-ADAPTER_FILE = "ip-adapter.bin"
-EMA_FILE = "ip-adapter-ema.bin"
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.bin"
 MANIFEST_FILE = "manifest.json"

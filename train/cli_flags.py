@@ -7,6 +7,7 @@ flags live in :mod:`train.config`; the names here are the same where the meaning
 from __future__ import annotations
 
 import argparse
+import ipaddress
 
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 DEFAULT_NUM_TOKENS = 128
@@ -94,3 +95,16 @@ def sampling_problems(args) -> list[str]:
     if getattr(args, "max_sequence_length", 0) > 512:
         problems.append(f"--max_sequence_length {args.max_sequence_length} exceeds T5's 512 tokens")
     return problems
+
+
+LOOPBACK_NAMES = ("localhost",)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``--host`` listens on this machine only (a service reachable from others needs a token)."""
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

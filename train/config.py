@@ -350,7 +350,7 @@ def initial_adapter_file(cfg: TrainConfig) -> Path:
     """The weight file ``--initial_ip_adapter_path`` names: a file, or a ``checkpoint-N`` folder's ip-adapter.bin
     (``FOLDER@ema``: its ip-adapter-ema.bin), as the inference tools read it. Raises ValueError."""
     from .cli_flags import split_ema
-    from .export import resolve_adapter_file
+    from .models.checkpoint_io import resolve_adapter_file  # torch: imported only when the flag is given
 
     return resolve_adapter_file(*split_ema(cfg.initial_ip_adapter_path))
 

@@ -21,28 +21,9 @@ from pathlib import Path
 
 import torch
 
-from train.models.checkpoint_io import AdapterFileError, check_finite, read_adapter_file, save_adapter_file
+from train.models.checkpoint_io import (AdapterFileError, check_finite, read_adapter_file, resolve_adapter_file,
+                                       save_adapter_file)
 
-LIVE_FILE, EMA_FILE = "ip-adapter.bin", "ip-adapter-ema.bin"
-
-
-def resolve_adapter_file(path: str | Path, ema: bool = False) -> Path:
-    """A weight file from a file path or a ``checkpoint-N`` folder; ``ema`` picks ``ip-adapter-ema.bin``."""
-    path = Path(path)
-    if path.is_dir():
-        name = EMA_FILE if ema else LIVE_FILE
-        found = path / name
-        if not found.is_file():
-            if ema:
-                raise AdapterFileError(f"{path} has no {EMA_FILE}: the run was trained without --use_ema; "
-                                       f"drop --ema to use the live weights ({LIVE_FILE})")
-            raise AdapterFileError(f"{path} has no {LIVE_FILE}; pass a checkpoint-N folder or a weight file")
-        return found
-    if not path.exists():
-        raise AdapterFileError(f"adapter path not found: {path}")
-    if ema and path.name != EMA_FILE:
-        raise AdapterFileError(f"--ema needs a checkpoint-N folder (or the {EMA_FILE} file itself), got {path}")
-    return path
 
 
 def describe(state: dict) -> dict:

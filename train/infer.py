@@ -27,7 +27,8 @@ import torch
 
 from train.cli_flags import (DEFAULT_NUM_TOKENS, add_adapter_flags, add_model_flags, add_preprocessing_flags,
                              add_sampling_flags, preprocessing_problems, sampling_problems, split_ema)
-from train.export import describe, resolve_adapter_file
+from train.export import describe
+from train.models.checkpoint_io import resolve_adapter_file
 from train.data.prompt_limits import TruncationNotes, quiet_truncation
 from train.models.adapter import StyleAdapter
 from train.models.calligrapher import Calligrapher

@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hmac
-import ipaddress
 import json
 import os
 import queue
@@ -57,6 +56,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from train.cli_flags import is_loopback
 from train.rewards.base import (API_VERSION, CROP_ONLY_SCORERS, SCORER_INPUTS, SCORER_NAMES, ItemScore, RewardItem,
                                 RewardResult, Scorer, combine_item, crop_window, describe_exception,
                                 parse_reward_weights)
@@ -407,15 +407,6 @@ def _read_token(args) -> tuple[str | None, list[str]]:
     return (token, []) if token else (None, [f"--token_file {args.token_file} is empty"])
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def _bind(host: str, port: int) -> socket.socket:
     """A listening-ready socket on ``host:port``; ``OSError`` if it cannot be bound."""
     family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
@@ -488,7 +479,7 @@ def main(argv=None) -> None:
     if not args.max_inflight_body_mb >= args.max_body_mb:
         problems.append(f"--max_inflight_body_mb ({args.max_inflight_body_mb:g}) must be >= --max_body_mb "
                         f"({args.max_body_mb:g})")
-    if not _is_loopback(args.host) and not token and not any(p.startswith("--token") for p in problems):
+    if not is_loopback(args.host) and not token and not any(p.startswith("--token") for p in problems):
         problems.append(f"--host {args.host} is reachable from other machines: set a shared secret with --token_file "
                         f"or {TOKEN_ENV}")
     if problems:

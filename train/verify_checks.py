@@ -191,7 +191,8 @@ def adapter_parameters(style_dim: int, token_dim: int, num_tokens: int, blocks: 
 
 
 def check_adapter(path: str, ema: bool, tcfg: dict | None, siglip: dict | None, num_tokens: int | None) -> list[Check]:
-    from train.export import describe, resolve_adapter_file
+    from train.export import describe
+    from train.models.checkpoint_io import resolve_adapter_file
     from train.models.checkpoint_io import read_adapter_file
 
     try:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+ADAPTER_FILE, EMA_FILE = "ip-adapter.bin", "ip-adapter-ema.bin"  # a checkpoint folder's weight files
 OURS = ("image_proj", "ip_adapter")
 OFFICIAL = ("image_proj_mlp", "image_proj_qformer", "attn_adapter")
 _PROJ_PARTS = {"image_proj_mlp": "mlp.", "image_proj_qformer": "qformer."}
@@ -182,3 +183,22 @@ def save_adapter_file(adapter_or_state, path: str | os.PathLike, layout: str = "
     elif layout != "ours":
         raise ValueError(f"unknown layout {layout!r}; use 'ours' or 'official'")
     atomic_torch_save(state, path)
+
+
+def resolve_adapter_file(path: str | Path, ema: bool = False) -> Path:
+    """A weight file from a file path or a ``checkpoint-N`` folder; ``ema`` picks ``ip-adapter-ema.bin``."""
+    path = Path(path)
+    if path.is_dir():
+        name = EMA_FILE if ema else ADAPTER_FILE
+        found = path / name
+        if not found.is_file():
+            if ema:
+                raise AdapterFileError(f"{path} has no {EMA_FILE}: the run was trained without --use_ema; "
+                                       f"drop --ema to use the live weights ({ADAPTER_FILE})")
+            raise AdapterFileError(f"{path} has no {ADAPTER_FILE}; pass a checkpoint-N folder or a weight file")
+        return found
+    if not path.exists():
+        raise AdapterFileError(f"adapter path not found: {path}")
+    if ema and path.name != EMA_FILE:
+        raise AdapterFileError(f"--ema needs a checkpoint-N folder (or the {EMA_FILE} file itself), got {path}")
+    return path

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from train import app, infer
+from train.cli_flags import is_loopback
 from train.app_engine import flat_params
 from train.data.synthesize import synthesize
 from train.models.calligrapher import Calligrapher
@@ -319,9 +320,9 @@ def test_flag_problems_stop_before_loading_with_one_line(files, capsys, monkeypa
 
 
 def test_loopback_needs_no_token_and_any_other_address_does():
-    assert app.is_loopback("127.0.0.1") and app.is_loopback("::1") and app.is_loopback("localhost")
-    assert app.is_loopback("127.0.0.2")
-    assert not app.is_loopback("0.0.0.0") and not app.is_loopback("10.0.0.1") and not app.is_loopback("example.org")
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert is_loopback("127.0.0.2")
+    assert not is_loopback("0.0.0.0") and not is_loopback("10.0.0.1") and not is_loopback("example.org")
 
 
 def test_an_adapter_that_does_not_fit_the_first_is_refused_at_start(tiny_models, files, capsys, monkeypatch):

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from train import export, infer
+from train.models import checkpoint_io
 from train.data.dataset import CalligraphyDataset, load_records
 from train.data.synthesize import synthesize
 from train.models.calligrapher import Calligrapher, prompt_for
@@ -174,7 +175,7 @@ def test_export_round_trips_both_layouts(checkpoint, tmp_path):
     with pytest.raises(ValueError, match="overwrite"):
         export.export(ours, ours, layout="ours")
     with pytest.raises(AdapterFileError, match="--ema needs a checkpoint-N folder"):
-        export.resolve_adapter_file(official, ema=True)
+        checkpoint_io.resolve_adapter_file(official, ema=True)
 
 
 # ---------------------------------------------------------------------- command-line errors and papercuts
