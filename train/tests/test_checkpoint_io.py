@@ -1,13 +1,18 @@
-"""Adapter weight files: both layouts, strict loading, and the full-size key/shape contract (SPEC §5)."""
+"""Adapter weight files: both layouts, strict loading and layout detection, the finiteness check, atomic writes, the
+weight file of a checkpoint folder, and the full-size key/shape contract (SPEC §5)."""
 
 from __future__ import annotations
+
+import os
+import stat
 
 import pytest
 import torch
 
 from train.models.adapter import StyleAdapter
 from train.models.checkpoint_io import (
-    AdapterFileError, adapter_state, load_adapter_file, read_adapter_file, save_adapter_file, to_official,
+    AdapterFileError, adapter_state, atomic_write, atomic_write_text, check_finite, load_adapter_file, read_adapter_file,
+    resolve_adapter_file, save_adapter_file, to_official,
 )
 from train.models.tiny import build_flux_transformer
 
@@ -146,3 +151,120 @@ def test_full_size_export_matches_the_released_checkpoint_layout():
     # SPEC §13: MLP 1.21 B, Q-Former 0.37 B, 57 x K/V 1.43 B, about 3.02 B in all.
     assert (round(n_mlp / 1e9, 2), round(n_qf / 1e9, 2), round(n_kv / 1e9, 2)) == (1.21, 0.37, 1.43)
     assert round((n_mlp + n_qf + n_kv) / 1e9, 2) == 3.02
+
+
+def test_a_transposed_weight_is_a_shape_mismatch(tmp_path, adapters):
+    src, dst = adapters
+    state = adapter_state(src)
+    state["image_proj"]["mlp.proj.0.weight"] = state["image_proj"]["mlp.proj.0.weight"].t().contiguous()
+    with pytest.raises(AdapterFileError, match=r"shape mismatch for 'image_proj.mlp.proj.0.weight': file \(32, 64\)"):
+        load_adapter_file(dst, _write(tmp_path / "w.bin", state))
+
+
+@pytest.mark.parametrize("keys", [("image_proj", "ip_adapter", "optimizer"), ("image_proj",),
+                                  ("image_proj", "ip_adapter", "attn_adapter"), ("image_proj_mlp", "attn_adapter"),
+                                  ("image_proj_mlp", "image_proj_qformer", "attn_adapter", "ip_adapter")])
+def test_a_file_with_more_fewer_or_mixed_top_level_keys_is_no_known_layout(tmp_path, adapters, keys):
+    src, dst = adapters
+    both = {**adapter_state(src), **to_official(adapter_state(src)), "optimizer": {}}
+    with pytest.raises(AdapterFileError, match=r"unknown layout with top-level keys"):
+        load_adapter_file(dst, _write(tmp_path / "w.bin", {k: both[k] for k in keys}))
+
+
+@pytest.mark.parametrize("raw, expect", [
+    ([torch.zeros(1)], "expected a dict of state dicts, found list"),
+    ({"image_proj": [torch.zeros(1)], "ip_adapter": {}}, "'image_proj' is not a state dict of tensors"),
+    ({"image_proj": {}, "ip_adapter": {"0.to_k_ip.weight": torch.zeros(1), "step": 3}},
+     "'ip_adapter' is not a state dict of tensors"),
+])
+def test_a_file_that_is_not_dicts_of_tensors_is_named(tmp_path, adapters, raw, expect):
+    _, dst = adapters
+    with pytest.raises(AdapterFileError, match=expect):
+        load_adapter_file(dst, _write(tmp_path / "w.bin", raw))
+
+
+class Payload:
+    """Stands for any pickled object other than tensors: unpickling it could run code."""
+
+
+def test_only_tensors_are_unpickled_and_a_folder_is_no_file(tmp_path, adapters):
+    _, dst = adapters
+    with pytest.raises(AdapterFileError, match="cannot be read as a torch checkpoint"):
+        load_adapter_file(dst, _write(tmp_path / "w.bin", {"image_proj": Payload(), "ip_adapter": {}}))
+    (tmp_path / "folder.bin").mkdir()
+    with pytest.raises(AdapterFileError, match="adapter file not found"):
+        load_adapter_file(dst, tmp_path / "folder.bin")
+
+
+def test_non_finite_weights_are_named_with_their_counts(adapters):
+    src, _ = adapters
+    state = adapter_state(src)
+    check_finite(state)  # finite weights pass
+    t = state["ip_adapter"]["1.to_v_ip.weight"]  # in the second part, one entry among finite ones
+    t[0, 0], t[1, :2] = float("nan"), float("inf")
+    with pytest.raises(AdapterFileError, match=r"tensor 'ip_adapter.1.to_v_ip.weight' holds 1 NaN and 2 inf values"):
+        check_finite(state, "w.bin")
+
+
+def test_the_state_is_a_copy_and_a_wrapped_adapter_saves_and_loads_its_module(tmp_path, adapters):
+    src, dst = adapters
+    state = adapter_state(src)
+    with torch.no_grad():
+        for p in src.parameters():
+            p.zero_()
+    assert all(t.abs().sum() > 0 for part in state.values() for t in part.values())  # untouched by the change
+
+    class Wrapped(torch.nn.Module):  # what DistributedDataParallel looks like from outside
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    save_adapter_file(state, tmp_path / "w.bin")
+    load_adapter_file(Wrapped(dst), tmp_path / "w.bin")
+    save_adapter_file(Wrapped(dst), tmp_path / "again.bin")
+    again = read_adapter_file(tmp_path / "again.bin")
+    assert all(torch.equal(again[p][k], state[p][k]) for p in state for k in state[p])
+
+
+def test_an_unknown_layout_name_writes_nothing(tmp_path, adapters):
+    src, _ = adapters
+    with pytest.raises(ValueError, match="unknown layout 'offical'"):
+        save_adapter_file(src, tmp_path / "w.bin", layout="offical")
+    assert not list(tmp_path.iterdir())
+
+
+def test_atomic_writes_create_the_folder_take_the_umask_and_leave_the_old_file_on_failure(tmp_path):
+    old = os.umask(0o027)
+    try:
+        path = tmp_path / "new" / "file.txt"
+        atomic_write_text(path, "old")
+        assert path.read_text() == "old" and stat.S_IMODE(path.stat().st_mode) == 0o640
+
+        def half_then_fail(f):
+            f.write(b"half")
+            raise OSError(28, "No space left on device")
+
+        with pytest.raises(OSError, match="No space left"):
+            atomic_write(path, half_then_fail)
+    finally:
+        os.umask(old)
+    assert path.read_text() == "old" and [p.name for p in path.parent.iterdir()] == ["file.txt"]
+
+
+def test_a_checkpoint_folder_resolves_to_its_live_or_ema_weights(tmp_path):
+    folder = tmp_path / "checkpoint-3"
+    folder.mkdir()
+    (folder / "ip-adapter.bin").write_bytes(b"live")
+    with pytest.raises(AdapterFileError, match="has no ip-adapter-ema.bin: the run was trained without --use_ema"):
+        resolve_adapter_file(folder, ema=True)
+    (folder / "ip-adapter-ema.bin").write_bytes(b"ema")
+    assert resolve_adapter_file(folder) == folder / "ip-adapter.bin"
+    assert resolve_adapter_file(folder, ema=True) == folder / "ip-adapter-ema.bin"
+    assert resolve_adapter_file(folder / "ip-adapter-ema.bin", ema=True) == folder / "ip-adapter-ema.bin"
+    with pytest.raises(AdapterFileError, match="--ema needs a checkpoint-N folder"):
+        resolve_adapter_file(folder / "ip-adapter.bin", ema=True)  # live weights where the EMA was asked for
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(AdapterFileError, match="has no ip-adapter.bin; pass a checkpoint-N folder"):
+        resolve_adapter_file(tmp_path / "empty")
+    with pytest.raises(AdapterFileError, match="adapter path not found"):
+        resolve_adapter_file(tmp_path / "nope.bin")

@@ -91,3 +91,76 @@ def test_encoder_identity_tracks_length_files_and_extra(tiny_models, tmp_path):
     config = flux / "text_encoder_2" / "config.json"
     config.write_text(config.read_text() + "\n")
     assert encoder_identity(flux, 32) != base
+
+
+def _encoders(tiny_models, dest):
+    for sub in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
+        shutil.copytree(tiny_models["flux"] / sub, dest / sub)
+    return dest
+
+
+def test_every_encoder_folder_and_every_file_name_counts_but_hidden_entries_do_not(tiny_models, tmp_path):
+    flux = _encoders(tiny_models, tmp_path / "flux")
+    base = encoder_identity(flux, 32)
+    for sub in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
+        first = sorted((flux / sub).iterdir())[0]
+        content = first.read_bytes()
+        first.write_bytes(content + b" ")
+        assert encoder_identity(flux, 32) != base, sub
+        first.write_bytes(content)
+    assert encoder_identity(flux, 32) == base
+    (flux / "tokenizer" / "a_notes.txt").write_text("x")
+    with_notes = encoder_identity(flux, 32)
+    (flux / "tokenizer" / "a_notes.txt").rename(flux / "tokenizer" / "b_notes.txt")  # same place in the order
+    assert encoder_identity(flux, 32) not in (with_notes, base)
+    (flux / "tokenizer" / "b_notes.txt").unlink()
+    (flux / "text_encoder" / ".cache" / "huggingface").mkdir(parents=True)  # download metadata, lock files
+    (flux / "text_encoder" / ".cache" / "huggingface" / "model.lock").write_text("1")
+    (flux / "tokenizer_2" / ".gitattributes").write_text("*.bin filter=lfs")
+    assert encoder_identity(flux, 32) == base
+
+
+def test_large_weight_files_count_by_size_and_both_edges(tiny_models, tmp_path):
+    flux = _encoders(tiny_models, tmp_path / "flux")
+    weights = flux / "text_encoder_2" / "weights.bin"
+    mib = 1 << 20
+
+    def identity_with(data: bytes) -> str:
+        weights.write_bytes(data)
+        return encoder_identity(flux, 32)
+
+    zeros = identity_with(bytes(5 * mib))
+    assert identity_with(bytes(6 * mib)) != zeros  # same first and last MiB, another size
+    for at in (10, 5 * mib - 10):  # a byte inside the first MiB, then inside the last
+        changed = bytearray(5 * mib)
+        changed[at] = 1
+        assert identity_with(bytes(changed)) != zeros, at
+    four = identity_with(bytes(4 * mib))  # up to 4 MiB a file is hashed whole
+    changed = bytearray(4 * mib)
+    changed[2 * mib] = 1
+    assert identity_with(bytes(changed)) != four
+
+
+def test_the_template_and_a_hub_name_count(monkeypatch):
+    from train.data import prompt_cache
+
+    name = "black-forest-labs/FLUX.1-Fill-dev"  # not a local folder: the name stands for the files
+    base = encoder_identity(name, 512)
+    assert base == encoder_identity(name, 512) != encoder_identity("someone/FLUX.1-Fill-finetune", 512)
+    monkeypatch.setattr(prompt_cache, "PROMPT_TEMPLATE", prompt_cache.PROMPT_TEMPLATE + " ")
+    assert encoder_identity(name, 512) != base
+
+
+def test_each_entry_is_one_row_in_batches_and_an_entry_of_another_text_is_not_served(calligrapher, tmp_path):
+    encode, calls = counting(make_encode_fn(calligrapher, MAX_LEN))
+    cache = PromptCache(encode, "enc", cache_dir=tmp_path, batch_size=2)
+    embeds, pooled, _ = cache.get(["a", "b", "c"])
+    assert calls == [["a", "b"], ["c"]]
+    entry = torch.load(cache._path("a"), weights_only=True)
+    assert entry["embeds"].untyped_storage().nbytes() == embeds[0].nbytes  # one row, not the whole batch
+    assert entry["pooled"].untyped_storage().nbytes() == pooled[0].nbytes
+    shutil.copyfile(cache._path("a"), cache._path("d"))  # a file under another text's name
+    fresh = PromptCache(encode, "enc", cache_dir=tmp_path)
+    got = fresh.get(["d"])[0]
+    assert calls[-1] == ["d"] and fresh.disk_hits == 0
+    assert torch.equal(got[0], calligrapher.encode_prompt(["d"], MAX_LEN)[0][0])
