@@ -211,15 +211,15 @@ def rl(method: str, models, data, work: Path, epochs: int, num_steps: int, fract
     rows = rows[1:] if len(rows) > 1 else rows
     rollout_s, rollout_model_s, update_s, update_model_s = (statistics.median(r[i] for r in rows) for i in range(4))
 
-    batch, image_keys, _ = rollout_batch(trainer, 0, 0)
-    cond = trainer.condition(batch, cfg.rl_guidance_scale)
+    draw = rollout_batch(trainer, 0, 0)
+    cond = trainer.condition(draw.samples, cfg.rl_guidance_scale)
     sigmas = trainer.model.sigmas(num_steps, cond.cond_latents.shape[1])
     grpo = method == "grpo"
     loops = []
     for _ in range(2 if epochs > 1 else 1):
         clock.reset()
         t0 = time.perf_counter()
-        sample_trajectory(trainer, cond, image_generators(cfg, 0, 0, image_keys), sigmas,
+        sample_trajectory(trainer, cond, image_generators(cfg, 0, 0, draw.image_keys), sigmas,
                           stochastic=range(0, num_steps - 1) if grpo else None,
                           noise_level=cfg.rl_noise_level if grpo else 0.0,
                           params=None if grpo else trainer.rl.old.params())

@@ -4,8 +4,9 @@ The persistent state of a run (weights, gradients, optimizer state, copies) is c
 :mod:`train.plan`. What a step needs *on top* of it — activations kept for the backward pass,
 autocast's 16-bit copies of the fp32 adapter weights, the gradients of activations, attention
 workspaces, the VAE's feature maps, the optimizer's temporaries — is measured here: the same
-functions the trainers call (``Calligrapher.velocity``, ``prepare_condition``, the GRPO / NFT /
-flow-matching losses, ``torch.optim.AdamW``) run under ``FakeTensorMode``, and
+functions the trainers call (``Calligrapher.velocity``, ``prepare_condition``, the GRPO and NFT
+loops' trained steps ``grpo_step_loss`` / ``nft_step_loss``, the flow-matching loss,
+``torch.optim.AdamW``) run under ``FakeTensorMode``, and
 :class:`LiveBytes` follows every storage created in the step until it is freed. The peak of
 those live bytes is the step's working memory. Nothing is allocated, so full FLUX.1-Fill sizes
 run on any machine.
@@ -244,42 +245,37 @@ def _autocast(shape: StepShape):
 
 
 def _trained_step(model, shape: StepShape, cond, copies, marks: _BlockMarks) -> None:
-    """One backward of the method, as its loop runs it (inputs drawn inside the measured region)."""
+    """One backward of the method: the loops' own step functions (inputs drawn inside the measured region)."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
     from .flow_matching import flow_matching_loss, interpolate
-    from .rl_ip.grpo_utils import grpo_loss
-    from .rl_logic.nft_forward import nft_loss
+    from .rl_logic.grpo_trainer import grpo_step_loss
+    from .rl_logic.nft_trainer import nft_step_loss
 
     b, dtype = shape.batch, model.dtype
     tokens = cond.cond_latents.shape[1]
-    sigma = torch.full((b,), 0.5)
+    autocast = partial(_autocast, shape)
+    ref = copies["ref"] if shape.reference else None
     if shape.method == "supervised":
+        sigma = torch.full((b,), 0.5)
         x0, noise = torch.randn(b, tokens, 64, dtype=dtype), torch.randn(b, tokens, 64, dtype=dtype)
-        with _autocast(shape):
+        with autocast():
             pred = model.velocity(interpolate(x0, noise, sigma), sigma, cond)
         loss = flow_matching_loss(pred, noise - x0, torch.ones(b, tokens))
     elif shape.method == "grpo":
         x, x_next = torch.randn(b, tokens, 64), torch.randn(b, tokens, 64)
-        step = dict(prev_sample=x_next, sigma_max=0.99)
-        with _autocast(shape):
-            v = model.velocity(x.to(dtype), sigma, cond)
-        sig, sig_next = _real(0.5, b), _real(0.48, b)
-        _, log_prob, mean, std = _sde_step(v, sig, sig_next, x, 0.7, **step)
-        ref_mean = None
-        if shape.reference:
-            with torch.no_grad(), _autocast(shape):
-                v_ref = model.velocity(x.to(dtype), sigma, cond, params=copies["ref"])
-            ref_mean = _sde_step(v_ref, sig, sig_next, x, 0.7, **step)[2]
-        loss, _ = grpo_loss(log_prob, log_prob.detach(), torch.ones(b), 0.2, 5.0, mean=mean, ref_mean=ref_mean,
-                            std_dev_t=std, kl_beta=0.1 if shape.reference else 0.0)
+        old_log_prob, advantages, token_weights = torch.zeros(b), torch.ones(b), torch.ones(b, tokens)
+        with unset_fake_temporarily():  # the step checks its noise levels by value: real ones, fake latents
+            sigma, sigma_next = torch.full((b,), 0.5), torch.full((b,), 0.48)
+            loss, _ = grpo_step_loss(model, cond, x, x_next, sigma, sigma_next, old_log_prob, advantages,
+                                     autocast=autocast, noise_level=0.7, sde_type="sde", sigma_max=0.99,
+                                     clip_range=0.2, adv_clip_max=5.0, kl_beta=0.1 if ref is not None else 0.0,
+                                     ref=ref, token_weights=token_weights)
     else:
-        x0 = torch.randn(b, tokens, 64)
-        x_t = interpolate(x0, torch.randn_like(x0), sigma).to(dtype)
-        with _autocast(shape):
-            v = model.velocity(x_t, sigma, cond)
-            with torch.no_grad():
-                v_old = model.velocity(x_t, sigma, cond, params=copies["old"])
-                v_ref = model.velocity(x_t, sigma, cond, params=copies["ref"]) if shape.reference else v_old
-        loss, _ = nft_loss(x0, x_t, sigma, v, v_old, v_ref, torch.ones(b), 0.5, "normal", 5.0, 0.01)
+        x0, noise = torch.randn(b, tokens, 64), torch.randn(b, tokens, 64)
+        loss, _ = nft_step_loss(model, cond, x0, noise, torch.full((b,), 0.5), torch.ones(b), autocast=autocast,
+                                beta=0.5, adv_mode="normal", adv_clip_max=5.0, kl_beta=0.01, old=copies["old"],
+                                ref=ref, valid=torch.ones(b, dtype=torch.bool), token_weights=torch.ones(b, tokens))
     marks.start_backward()
     loss.backward()
 

@@ -280,9 +280,10 @@ class Calligrapher:
                params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Deterministic Euler sampling (what ``FluxFillPipeline`` does); returns clean packed latents.
 
-        It is the ``noise_level=0`` case of the RL sampler's step (:func:`train.rl_ip.sampling.sde_step_with_logprob`).
+        It is the RL sampler's loop (:func:`train.rl_ip.sampling.denoise`) with no stochastic step, the latents
+        kept in the model's dtype between steps as the pipeline keeps them.
         """
-        from ..rl_ip.sampling import sde_step_with_logprob
+        from ..rl_ip.sampling import denoise
 
         h, w = cond.latent_size
         shape = (cond.batch_size, (h // 2) * (w // 2), 64)
@@ -290,7 +291,4 @@ class Calligrapher:
             latents = torch.randn(shape, generator=generator, device="cpu", dtype=torch.float32)
         latents = latents.to(self.device, self.dtype)
         sigmas = self.sigmas(num_steps, shape[1])
-        for i in range(num_steps):
-            v = self.velocity(latents, sigmas[i], cond, params=params)
-            latents = sde_step_with_logprob(v, sigmas[i], sigmas[i + 1], latents, 0.0, sigma_max=sigmas[1])[0].to(self.dtype)
-        return latents
+        return denoise(lambda x, sigma: self.velocity(x, sigma, cond, params=params), latents, sigmas).final

@@ -2,7 +2,7 @@
 to the frozen reference adapter, measured between the two SDE step means.
 
 Also here: the GRPO-Guard terms (ratio normalisation and per-step gradient weight), which the loss takes
-through its keyword-only ``guard=`` argument."""
+through its ``guard=`` argument. Every argument after the three ``[B]`` tensors is keyword-only."""
 
 from __future__ import annotations
 
@@ -104,13 +104,13 @@ def grpo_loss(
     log_prob: torch.Tensor,
     old_log_prob: torch.Tensor,
     advantages: torch.Tensor,
+    *,
     clip_range: float,
     adv_clip_max: float,
     mean: torch.Tensor | None = None,
     ref_mean: torch.Tensor | None = None,
     std_dev_t: torch.Tensor | float | None = None,
     kl_beta: float = 0.0,
-    *,
     guard: GuardTerms | tuple[torch.Tensor, torch.Tensor] | None = None,
     token_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -3,11 +3,13 @@
     reward_fn = build_reward_fn(args.reward_server_url, parse_reward_weights(args.reward_weights), ...)
     future = reward_fn.submit(items)        # overlaps the next rollout
     results = future.result()
-    rewards, valid = apply_failure_policy(results, max_failed_fraction=0.0)
+    table = reward_table(results, names)    # [N, 1 + len(names)]; all-gathered by the trainer
+    check_failure_budget(table[:, 0], max_failed_fraction, results, "rewards failed in RL epoch 3")
+    metrics = reward_stats(table[:, 0], {n: table[:, 1 + i] for i, n in enumerate(names)})
 
 A reward that could not be computed stays ``None`` with an error on its ``RewardResult``;
-``apply_failure_policy`` turns it into NaN plus ``valid=False`` (dropped from advantages)
-or raises ``RewardError`` when too many failed. It is never replaced by a number.
+``reward_table`` turns it into NaN (dropped from advantages) and ``check_failure_budget`` raises
+``RewardError`` when too many failed. It is never replaced by a number.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import random
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from pydantic import ValidationError
@@ -30,8 +33,11 @@ from train.rewards.registry import build_scorers
 from train.rewards.codec import EncodeCache
 from train.rewards.schema import OPTIONAL_IMAGE_FIELDS, Health, ItemResult, item_json, short_errors
 
+if TYPE_CHECKING:
+    import torch
+
 __all__ = ["RewardError", "RewardFunction", "LocalReward", "RemoteReward", "build_reward_fn", "parse_server_urls",
-           "apply_failure_policy", "reward_stats", "RewardItem", "RewardResult"]
+           "reward_table", "check_failure_budget", "reward_stats", "RewardItem", "RewardResult"]
 
 
 class RewardError(RuntimeError):
@@ -403,38 +409,45 @@ def build_reward_fn(urls: str | list[str] | None, weights, siglip_path=None, vlm
     return LocalReward(scorers, weights)
 
 
-def apply_failure_policy(results: list[RewardResult], max_failed_fraction: float = 0.0):
-    """``(rewards [N] float32 with NaN where failed, valid [N] bool)``; raises ``RewardError`` if too many failed.
-
-    ``max_failed_fraction`` is the share of items allowed to fail (0 = any failure fails the
-    step). Failed items must be dropped from advantages via ``valid``; none is given a value.
-    A batch in which every item failed always raises.
-    """
+def reward_table(results: list[RewardResult], names=()) -> torch.Tensor:
+    """``[N, 1 + len(names)]`` float64: each result's reward (NaN where it failed or is not finite), then its score of
+    each of ``names`` (NaN where it has none). Failures stay NaN: none is given a value."""
     import torch
 
-    if not 0.0 <= max_failed_fraction <= 1.0:
-        raise ValueError(f"max_failed_fraction must be in [0, 1], got {max_failed_fraction}")
-    valid = [r.error is None and r.reward is not None and math.isfinite(r.reward) for r in results]
-    n, n_bad = len(results), valid.count(False)
-    if n_bad and (n_bad > max_failed_fraction * n or n_bad == n):
-        first = "; ".join(f"{r.id}: {r.error or 'no reward'}" for r, ok in zip(results, valid) if not ok)
-        raise RewardError(f"{n_bad}/{n} rewards failed (allowed fraction {max_failed_fraction:g}); "
-                          f"first errors: {first[:600]}")
-    rewards = torch.tensor([r.reward if ok else float("nan") for r, ok in zip(results, valid)], dtype=torch.float32)
-    return rewards, torch.tensor(valid, dtype=torch.bool)
+    return torch.tensor([[r.reward if r.ok and r.reward is not None and math.isfinite(r.reward) else math.nan]
+                         + [r.scores.get(n, math.nan) for n in names] for r in results], dtype=torch.float64)
 
 
-def reward_stats(results: list[RewardResult]) -> dict[str, float]:
-    """Log-ready numbers: ``reward/failed`` count, mean/std/min/max of the valid rewards, and each scorer's mean."""
-    valid = [r.reward for r in results if r.ok and math.isfinite(r.reward)]
-    out: dict[str, float] = {"reward/failed": float(len(results) - len(valid))}
-    if valid:
-        mean = sum(valid) / len(valid)
-        out.update({"reward/mean": mean, "reward/min": min(valid), "reward/max": max(valid),
-                    "reward/std": math.sqrt(sum((v - mean) ** 2 for v in valid) / len(valid))})
-    per: dict[str, list[float]] = {}
-    for r in results:
-        for name, v in r.scores.items():
-            per.setdefault(name, []).append(v)
-    out.update({f"reward/{name}": sum(vs) / len(vs) for name, vs in per.items()})
-    return out
+def check_failure_budget(rewards: torch.Tensor, max_failed_fraction: float, results: list[RewardResult],
+                         what: str) -> int:
+    """How many of ``rewards [N]`` (NaN = failed; every process's) failed; ``RewardError`` when more than
+    ``max_failed_fraction`` of them or all of them did. ``results`` (this process's) give the first error,
+    ``what`` says what failed where (``"rewards failed in RL epoch 3"``)."""
+    import torch
+
+    failed, total = int(torch.isnan(rewards).sum()), rewards.numel()
+    if failed and (failed > max_failed_fraction * total or failed == total):
+        first = next((f"{r.id}: {r.error}" for r in results if not r.ok), "on another process")
+        raise RewardError(f"{failed}/{total} {what} (allowed fraction {max_failed_fraction:g}); first error: "
+                          f"{first[:300]}")
+    return failed
+
+
+def reward_stats(rewards: torch.Tensor, scores: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Log-ready figures of rewards ``[N]`` (NaN = failed, not all) and per-scorer scores ``{name: [N]}`` (NaN where
+    absent): ``reward/mean``, ``std`` (population), ``min``, ``max`` of the computed rewards, ``reward/failed``,
+    each scorer's ``reward/{name}_mean`` and ``_std`` over its computed scores, and ``reward/top25_mean`` (the
+    mean of the best quarter of the rewards, at least one)."""
+    import torch
+
+    ok = rewards[~torch.isnan(rewards)]
+    metrics = {"reward/mean": ok.mean().item(), "reward/std": ok.std(unbiased=False).item(),
+               "reward/min": ok.min().item(), "reward/max": ok.max().item(),
+               "reward/failed": float(rewards.numel() - ok.numel())}
+    for n, s in scores.items():
+        s = s[~torch.isnan(s)]
+        if s.numel():
+            metrics[f"reward/{n}_mean"], metrics[f"reward/{n}_std"] = s.mean().item(), s.std(unbiased=False).item()
+    top = ok.sort(descending=True).values
+    metrics["reward/top25_mean"] = top[:max(1, len(top) // 4)].mean().item()
+    return metrics

@@ -15,12 +15,16 @@ x' = mean + s·ε, and the log-probability is the Gaussian log-density of x' und
 non-batch elements. The per-sample scalars (σ, dt, coefficients) are computed in float64 on the CPU (σ given
 as a device tensor is copied there) and then rounded to float32; every tensor the size of a latent is float32.
 
-Also here: which steps are stochastic (flow_grpo's SDE window) and which are trained (GRPO / DiffusionNFT).
+The sampling loop that chains the step (:func:`denoise`) is here too, for a velocity given as a function:
+RL rollouts, held-out evaluation and inference all run it. Also here: which steps are stochastic (flow_grpo's
+SDE window) and which are trained (GRPO / DiffusionNFT).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -155,6 +159,51 @@ def sde_step_with_logprob(
     log_prob = -sq / per_sample(2 * safe_std**2) - per_sample(torch.log(safe_std) + _LOG_SQRT_2PI)
     log_prob = torch.where(has_density.to(sample.device), log_prob, torch.zeros_like(log_prob))
     return prev_sample, log_prob, mean, per_sample(std_t)
+
+
+@dataclass
+class Trajectory:
+    """One sampled batch. ``latents[:, s]`` -> ``next_latents[:, s]`` is stochastic step ``steps[s]``."""
+
+    final: torch.Tensor  # [B, L, C] clean latents
+    steps: list[int] = field(default_factory=list)  # [S] the recorded (stochastic) step indices, ascending
+    latents: torch.Tensor | None = None  # [B, S, L, C] float32
+    next_latents: torch.Tensor | None = None  # [B, S, L, C] float32
+    log_probs: torch.Tensor | None = None  # [B, S]
+    means: torch.Tensor | None = None  # [B, S, L, C] the steps' means (kept for GRPO-Guard only)
+
+
+@torch.no_grad()
+def denoise(velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor, sigmas: torch.Tensor,
+            stochastic: range | None = None, noise_level: float = 0.0, generators=None, sde_type: str = "sde",
+            token_weights: torch.Tensor | None = None, keep_means: bool = False) -> Trajectory:
+    """Sample from the noise ``x [B, L, C]`` along ``sigmas [T + 1]`` with ``velocity(x, sigma) -> v``.
+
+    Steps in ``stochastic`` draw from the SDE with ``generators`` (one per sample) and are recorded (never the
+    final step); every other step is the deterministic (``noise_level=0``) case of the same step function.
+    ``token_weights [B, L]`` weight the recorded log-probabilities' tokens. Between steps ``x`` keeps the dtype
+    it starts in: float32 for RL rollouts, the model's dtype at inference (as ``FluxFillPipeline`` does).
+    """
+    num_steps = len(sigmas) - 1
+    record = [i for i in (stochastic or ()) if i < num_steps - 1]
+    lat, nxt, logp, means = [], [], [], []
+    for i in range(num_steps):
+        v = velocity(x, sigmas[i])
+        noisy = i in record
+        x_next, log_prob, mean, _ = sde_step_with_logprob(
+            v, sigmas[i], sigmas[i + 1], x, noise_level if noisy else 0.0, generator=generators if noisy else None,
+            sde_type=sde_type, sigma_max=float(sigmas[1]), token_weights=token_weights if noisy else None)
+        if noisy:
+            lat.append(x)
+            nxt.append(x_next)
+            logp.append(log_prob)
+            if keep_means:
+                means.append(mean)
+        x = x_next.to(x.dtype)
+    if not record:
+        return Trajectory(final=x)
+    return Trajectory(final=x, steps=record, latents=torch.stack(lat, 1), next_latents=torch.stack(nxt, 1),
+                      log_probs=torch.stack(logp, 1), means=torch.stack(means, 1) if keep_means else None)
 
 
 def token_mean(x: torch.Tensor, token_weights: torch.Tensor | None = None) -> torch.Tensor:

@@ -16,59 +16,83 @@ then      held-out evaluation, image grids and a checkpoint when due.
 from __future__ import annotations
 
 import time
+from functools import partial
 
 import torch
 
+from .. import rng
 from ..config import default_window_range, sde_window_range
 from ..models.calligrapher import FillConditioning
 from ..rl_ip.grpo_utils import grpo_guard_terms, grpo_loss
-from ..rl_ip.sampling import choose_train_steps, sde_step_with_logprob, sde_window
-from .rollout import (RolloutBatch, collect_rewards, decode, end_of_epoch, image_generators, keyed_generator,
-                      rollout_batch, sample_trajectory, start_rl, step_metrics, submit_rewards)
+from ..rl_ip.sampling import Trajectory, choose_train_steps, sde_step_with_logprob, sde_window
+from ..rng import keyed_generator
+from .rollout import (EpochRewards, RolloutBatch, collect_rewards, end_of_epoch, rollout_epoch, sample_trajectory,
+                      start_rl, step_metrics)
 
 GRPO_METRICS = ("loss", "policy_loss", "kl", "approx_kl", "clipfrac", "ratio_mean")  # averaged per optimizer step
 GUARD_METRICS = ("raw_ratio_mean", "guard_weight_mean")  # also, with --rl_grpo_guard
 
 
 def train_grpo(trainer, end: int) -> None:
-    cfg, acc, rl = trainer.cfg, trainer.accelerator, trainer.rl
     ctx = start_rl(trainer, with_old=False)
     try:
         while trainer.global_step < end:
-            epoch = rl.epoch
-            # ---------------------------------------------------------------- rollout
-            t0 = time.perf_counter()
-            batches, futures, group_keys = [], [], []
-            for b in range(cfg.rl_num_batches_per_epoch):
-                batch, image_keys, keys = rollout_batch(trainer, epoch, b)
-                cond = trainer.condition(batch, cfg.rl_guidance_scale)
-                sigmas = trainer.model.sigmas(cfg.rl_num_inference_steps, cond.cond_latents.shape[1])
-                lo, hi = sde_window(cfg.rl_num_inference_steps, cfg.rl_sde_window_size, sde_window_range(cfg),
-                                    keyed_generator(cfg.seed, 17, epoch, b), default_range=default_window_range(cfg))
-                tokens = trainer.rl_tokens(batch).to(cond.cond_latents.device)
-                traj = sample_trajectory(trainer, cond, image_generators(cfg, epoch, b, image_keys), sigmas,
-                                         stochastic=range(lo, hi), noise_level=cfg.rl_noise_level,
-                                         sde_type=cfg.rl_sde_type, token_weights=tokens, keep_means=cfg.rl_grpo_guard)
-                futures.append(submit_rewards(ctx.reward_fn, batch, decode(trainer, traj.final, cond),
-                                              f"e{epoch}b{b}", image_keys))
-                batches.append(RolloutBatch(cond, sigmas, [b * trainer.global_batch + j for j in image_keys], tokens,
-                                            traj))
-                group_keys.append(keys)
-            ctx.timings["rollout_s"] = time.perf_counter() - t0
+            epoch = trainer.rl.epoch
+            # ---------------------------------------------------------------- rollout (SDE window)
+            rollouts = rollout_epoch(trainer, ctx, epoch, partial(sde_rollout, trainer, epoch))
             # ---------------------------------------------------------------- reward + advantage
-            ranked = [k for r in range(acc.num_processes) for keys in group_keys
-                      for k in keys[r * cfg.train_batch_size:(r + 1) * cfg.train_batch_size]]
-            rewards = collect_rewards(trainer, ctx, futures, ranked)
+            rewards = collect_rewards(trainer, ctx, rollouts)
             # ---------------------------------------------------------------- update
             t0 = time.perf_counter()
-            metrics = grpo_update(trainer, ctx, batches, rewards, end)
+            metrics = grpo_update(trainer, rollouts.batches, rewards, end)
             ctx.timings["update_s"] = time.perf_counter() - t0
             end_of_epoch(trainer, ctx, metrics, rewards)
     finally:
         ctx.close()
 
 
-def grpo_update(trainer, ctx, batches, rewards, end: int) -> dict[str, float]:
+def sde_rollout(trainer, epoch: int, batch_index: int, cond: FillConditioning, generators, sigmas: torch.Tensor,
+                tokens: torch.Tensor) -> Trajectory:
+    """GRPO's sampler of one rollout batch: the SDE on a window of steps drawn per batch, whose transitions and
+    log-probabilities (and, with GRPO-Guard, means) are kept."""
+    cfg = trainer.cfg
+    lo, hi = sde_window(cfg.rl_num_inference_steps, cfg.rl_sde_window_size, sde_window_range(cfg),
+                        keyed_generator(cfg.seed, rng.SDE_WINDOW, epoch, batch_index),
+                        default_range=default_window_range(cfg))
+    return sample_trajectory(trainer, cond, generators, sigmas, stochastic=range(lo, hi),
+                             noise_level=cfg.rl_noise_level, sde_type=cfg.rl_sde_type, token_weights=tokens,
+                             keep_means=cfg.rl_grpo_guard)
+
+
+def grpo_step_loss(model, cond: FillConditioning, x: torch.Tensor, x_next: torch.Tensor, sigma, sigma_next,
+                   old_log_prob: torch.Tensor, advantages: torch.Tensor, *, autocast, noise_level: float,
+                   sde_type: str, sigma_max: float, clip_range: float, adv_clip_max: float, kl_beta: float,
+                   adapter=None, ref: dict | None = None, old_mean: torch.Tensor | None = None,
+                   token_weights: torch.Tensor | None = None):
+    """The loss of one trained step of a micro-batch of B: the stored transition ``x -> x_next`` ``[B, L, C]``
+    (float32) at ``sigma -> sigma_next`` (``[B]``) re-scored under the current adapter (with gradients) and,
+    for the KL, under the reference weights ``ref`` (without), then the clipped policy loss
+    (:func:`~train.rl_ip.grpo_utils.grpo_loss`; with ``old_mean [B, L, C]`` GRPO-Guard's). ``autocast()`` is
+    the context of the forwards. Returns ``(loss, info)``."""
+    with autocast():
+        v = model.velocity(x.to(model.dtype), sigma, cond, adapter=adapter)
+    _, log_prob, mean, std = sde_step_with_logprob(
+        v, sigma, sigma_next, x, noise_level, prev_sample=x_next, sde_type=sde_type,
+        sigma_max=sigma_max, token_weights=token_weights)
+    ref_mean = None
+    if ref is not None:
+        with torch.no_grad(), autocast():
+            v_ref = model.velocity(x.to(model.dtype), sigma, cond, params=ref)
+        ref_mean = sde_step_with_logprob(v_ref, sigma, sigma_next, x, noise_level, prev_sample=x_next,
+                                         sde_type=sde_type, sigma_max=sigma_max)[2]
+    guard = None
+    if old_mean is not None:
+        guard = grpo_guard_terms(mean, old_mean, x_next, std, sigma, sigma_next, token_weights=token_weights)
+    return grpo_loss(log_prob, old_log_prob, advantages, clip_range=clip_range, adv_clip_max=adv_clip_max, mean=mean,
+                     ref_mean=ref_mean, std_dev_t=std, kl_beta=kl_beta, guard=guard, token_weights=token_weights)
+
+
+def grpo_update(trainer, batches: list[RolloutBatch], rewards: EpochRewards, end: int) -> dict[str, float]:
     """Inner epochs over this rank's rollouts of one RL epoch; returns the last optimizer step's metrics."""
     cfg, acc, rl = trainer.cfg, trainer.accelerator, trainer.rl
     cond = FillConditioning.cat([rb.cond for rb in batches])
@@ -83,10 +107,13 @@ def grpo_update(trainer, ctx, batches, rewards, end: int) -> dict[str, float]:
                              for rb in batches])
     sigma_max = float(batches[0].sigmas[1])
     image_ids = [j for rb in batches for j in rb.image_ids]
-    n, stored = latents.shape[0], latents.shape[1]
+    stored = latents.shape[1]
     # A failed reward has no advantage (0: no policy gradient; it was left out of every group statistic).
     # Its sample still takes part in the KL term, so every rank runs the same number of backwards.
     ref = rl.ref.params(acc.device) if cfg.rl_kl_beta > 0 else None
+    settings = dict(autocast=acc.autocast, noise_level=cfg.rl_noise_level, sde_type=cfg.rl_sde_type,
+                    sigma_max=sigma_max, clip_range=cfg.rl_grpo_clip_range, adv_clip_max=cfg.rl_adv_clip_max,
+                    kl_beta=cfg.rl_kl_beta, adapter=trainer.adapter, ref=ref)
     num_trained = len(choose_train_steps(list(range(stored)), cfg.rl_timestep_fraction, torch.Generator()))
     acc.gradient_accumulation_steps = cfg.gradient_accumulation_steps * num_trained
     acc.step = 0  # each epoch holds whole optimizer steps; count them from its first backward
@@ -96,10 +123,12 @@ def grpo_update(trainer, ctx, batches, rewards, end: int) -> dict[str, float]:
     for inner in range(cfg.rl_num_inner_epochs):
         # Shuffle whole rollout batches: a global micro-batch is then one rollout batch on any number
         # of processes (every rank trains its slice of it), so 2 processes train exactly what 1 does.
-        batch_order = torch.randperm(len(batches), generator=keyed_generator(cfg.seed, 19, rl.epoch, inner))
+        batch_order = torch.randperm(len(batches), generator=keyed_generator(cfg.seed, rng.GRPO_BATCH_ORDER,
+                                                                               rl.epoch, inner))
         order = [b * cfg.train_batch_size + i for b in batch_order.tolist() for i in range(cfg.train_batch_size)]
         chosen = {i: choose_train_steps(list(range(stored)), cfg.rl_timestep_fraction,
-                                        keyed_generator(cfg.seed, 23, rl.epoch, inner, image_ids[i])) for i in order}
+                                        keyed_generator(cfg.seed, rng.GRPO_TRAINED_STEPS, rl.epoch, inner,
+                                                        image_ids[i])) for i in order}
         micro = cfg.train_batch_size
         for start in range(0, len(order), micro):
             idx = order[start:start + micro]
@@ -110,28 +139,11 @@ def grpo_update(trainer, ctx, batches, rewards, end: int) -> dict[str, float]:
                 s = torch.tensor([chosen[i][j] for i in idx])
                 rows = torch.tensor(idx)
                 x, x_next = latents[rows, s], next_latents[rows, s]
-                sigma, sigma_next = step_sigmas[rows, s], next_sigmas[rows, s]
                 with acc.accumulate(trainer.adapter):
-                    with acc.autocast():
-                        v = trainer.model.velocity(x.to(trainer.model.dtype), sigma, sub, adapter=trainer.adapter)
-                    _, log_prob, mean, std = sde_step_with_logprob(
-                        v, sigma, sigma_next, x, cfg.rl_noise_level, prev_sample=x_next, sde_type=cfg.rl_sde_type,
-                        sigma_max=sigma_max, token_weights=sub_tokens)
-                    ref_mean = None
-                    if ref is not None:
-                        with torch.no_grad(), acc.autocast():
-                            v_ref = trainer.model.velocity(x.to(trainer.model.dtype), sigma, sub, params=ref)
-                        ref_mean = sde_step_with_logprob(v_ref, sigma, sigma_next, x, cfg.rl_noise_level,
-                                                         prev_sample=x_next, sde_type=cfg.rl_sde_type,
-                                                         sigma_max=sigma_max)[2]
-                    guard = None
-                    if old_means is not None:
-                        guard = grpo_guard_terms(mean, old_means[rows, s], x_next, std, sigma, sigma_next,
-                                                 token_weights=sub_tokens)
-                    loss, info = grpo_loss(log_prob, old_log_probs[rows, s].to(acc.device), adv,
-                                           cfg.rl_grpo_clip_range, cfg.rl_adv_clip_max, mean=mean, ref_mean=ref_mean,
-                                           std_dev_t=std, kl_beta=cfg.rl_kl_beta, guard=guard,
-                                           token_weights=sub_tokens)
+                    loss, info = grpo_step_loss(
+                        trainer.model, sub, x, x_next, step_sigmas[rows, s], next_sigmas[rows, s],
+                        old_log_probs[rows, s].to(acc.device), adv, **settings, token_weights=sub_tokens,
+                        old_mean=old_means[rows, s] if old_means is not None else None)
                     acc.backward(loss)
                     grad_norm = trainer.optimizer_step(loss)
                 infos.append({**info, "loss": loss.detach()})
@@ -146,4 +158,3 @@ def grpo_update(trainer, ctx, batches, rewards, end: int) -> dict[str, float]:
                 if trainer.global_step >= end:
                     return last
     return last
-

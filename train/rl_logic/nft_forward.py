@@ -42,7 +42,7 @@ def nft_r(advantages: torch.Tensor, adv_mode: str, adv_clip_max: float) -> torch
 
 
 def nft_loss(x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, v_theta: torch.Tensor, v_old: torch.Tensor,
-             v_ref: torch.Tensor, advantages: torch.Tensor, beta: float, adv_mode: str, adv_clip_max: float,
+             v_ref: torch.Tensor, advantages: torch.Tensor, *, beta: float, adv_mode: str, adv_clip_max: float,
              kl_beta: float, valid: torch.Tensor | None = None,
              token_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """DiffusionNFT loss of one micro-batch at one timestep per sample.

@@ -19,15 +19,18 @@ then      held-out evaluation, image grids and a checkpoint when due.
 from __future__ import annotations
 
 import time
+from functools import partial
 
 import torch
 
+from .. import rng
 from ..flow_matching import interpolate
 from ..models.calligrapher import FillConditioning
-from ..rl_ip.sampling import nft_train_steps
+from ..rl_ip.sampling import Trajectory, nft_train_steps
+from ..rng import keyed_generator
 from .nft_forward import nft_decay, nft_loss
-from .rollout import (RolloutBatch, collect_rewards, decode, end_of_epoch, image_generators, keyed_generator,
-                      rollout_batch, sample_trajectory, start_rl, step_metrics, submit_rewards)
+from .rollout import (EpochRewards, RolloutBatch, collect_rewards, end_of_epoch, rollout_epoch, sample_trajectory,
+                      start_rl, step_metrics)
 
 NFT_METRICS = ("loss", "policy_loss", "kl", "old_deviate", "r_mean", "loss_pos", "loss_neg")  # averaged per optimizer step
 
@@ -37,30 +40,13 @@ def train_nft(trainer, end: int) -> None:
     ctx = start_rl(trainer, with_old=True)
     try:
         while trainer.global_step < end:
-            epoch = rl.epoch
             # ---------------------------------------------------------------- rollout (old adapter)
-            t0 = time.perf_counter()
-            old = rl.old.params(acc.device)
-            batches, futures, group_keys = [], [], []
-            for b in range(cfg.rl_num_batches_per_epoch):
-                batch, image_keys, keys = rollout_batch(trainer, epoch, b)
-                cond = trainer.condition(batch, cfg.rl_guidance_scale)
-                sigmas = trainer.model.sigmas(cfg.rl_num_inference_steps, cond.cond_latents.shape[1])
-                traj = sample_trajectory(trainer, cond, image_generators(cfg, epoch, b, image_keys), sigmas,
-                                         params=old)
-                futures.append(submit_rewards(ctx.reward_fn, batch, decode(trainer, traj.final, cond),
-                                              f"e{epoch}b{b}", image_keys))
-                batches.append(RolloutBatch(cond, sigmas, [b * trainer.global_batch + j for j in image_keys],
-                                            trainer.rl_tokens(batch).to(cond.cond_latents.device), traj))
-                group_keys.append(keys)
-            ctx.timings["rollout_s"] = time.perf_counter() - t0
+            rollouts = rollout_epoch(trainer, ctx, rl.epoch, partial(old_rollout, trainer, rl.old.params(acc.device)))
             # ---------------------------------------------------------------- reward + advantage
-            ranked = [k for r in range(acc.num_processes) for keys in group_keys
-                      for k in keys[r * cfg.train_batch_size:(r + 1) * cfg.train_batch_size]]
-            rewards = collect_rewards(trainer, ctx, futures, ranked)
+            rewards = collect_rewards(trainer, ctx, rollouts)
             # ---------------------------------------------------------------- update
             t0 = time.perf_counter()
-            metrics = nft_update(trainer, batches, rewards, end)
+            metrics = nft_update(trainer, rollouts.batches, rewards, end)
             ctx.timings["update_s"] = time.perf_counter() - t0
             # ---------------------------------------------------------------- old adapter
             d = nft_decay(trainer.global_step - rl.start_step, cfg.nft_decay_type)
@@ -71,15 +57,45 @@ def train_nft(trainer, end: int) -> None:
         ctx.close()
 
 
-def nft_update(trainer, batches, rewards, end: int) -> dict[str, float]:
+def old_rollout(trainer, old: dict, batch_index: int, cond: FillConditioning, generators, sigmas: torch.Tensor,
+                tokens: torch.Tensor) -> Trajectory:
+    """NFT's sampler of one rollout batch: the deterministic sampler with the old adapter's weights ``old``; only
+    the clean latents are kept."""
+    return sample_trajectory(trainer, cond, generators, sigmas, params=old)
+
+
+def nft_step_loss(model, cond: FillConditioning, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+                  advantages: torch.Tensor, *, autocast, beta: float, adv_mode: str, adv_clip_max: float,
+                  kl_beta: float, old: dict, ref: dict | None = None, adapter=None, valid: torch.Tensor | None = None,
+                  token_weights: torch.Tensor | None = None):
+    """The loss of one trained level of a micro-batch of B: x_t = (1 − t)·x0 + t·ε from the clean latents
+    ``x0 [B, L, C]`` (float32), the noise ``[B, L, C]`` and the levels ``t [B]``; the current (with gradients),
+    old and reference (without) velocities under ``autocast()``; then
+    :func:`~train.rl_logic.nft_forward.nft_loss` (no KL without ``ref``). Returns ``(loss, info)``."""
+    x_t = interpolate(x0, noise, t)  # float32: x̂0 = x_t − t·v is formed from it in the loss
+    x_in = x_t.to(model.dtype)  # only the model input is rounded
+    with autocast():
+        v_theta = model.velocity(x_in, t, cond, adapter=adapter)
+        with torch.no_grad():
+            v_old = model.velocity(x_in, t, cond, params=old)
+            v_ref = model.velocity(x_in, t, cond, params=ref) if ref is not None else v_old
+    return nft_loss(x0, x_t, t, v_theta, v_old, v_ref, advantages, beta=beta, adv_mode=adv_mode,
+                    adv_clip_max=adv_clip_max, kl_beta=kl_beta if ref is not None else 0.0, valid=valid,
+                    token_weights=token_weights)
+
+
+def nft_update(trainer, batches: list[RolloutBatch], rewards: EpochRewards, end: int) -> dict[str, float]:
     """Inner epochs over this rank's rollouts of one RL epoch; returns the last optimizer step's metrics."""
-    cfg, acc, rl, model = trainer.cfg, trainer.accelerator, trainer.rl, trainer.model
+    cfg, acc, rl = trainer.cfg, trainer.accelerator, trainer.rl
     cond = FillConditioning.cat([rb.cond for rb in batches])
     x0_all = torch.cat([rb.traj.final for rb in batches])  # [N, L, C] float32
     tokens = torch.cat([rb.tokens for rb in batches])  # [N, L]
     sigmas = batches[0].sigmas[:-1]  # the sampler's noise levels (all batches share one canvas size)
     image_ids = [j for rb in batches for j in rb.image_ids]
     old, ref = rl.old.params(acc.device), rl.ref.params(acc.device) if rl.ref is not None else None
+    settings = dict(autocast=acc.autocast, beta=cfg.nft_beta, adv_mode=cfg.nft_adv_mode,
+                    adv_clip_max=cfg.rl_adv_clip_max, kl_beta=cfg.rl_kl_beta, old=old, ref=ref,
+                    adapter=trainer.adapter)
     n, num_levels = x0_all.shape[0], len(sigmas)
     num_trained = len(nft_train_steps(num_levels, cfg.rl_timestep_fraction, torch.Generator()))
     acc.gradient_accumulation_steps = cfg.gradient_accumulation_steps * num_trained
@@ -90,9 +106,10 @@ def nft_update(trainer, batches, rewards, end: int) -> dict[str, float]:
     for inner in range(cfg.rl_num_inner_epochs):
         # Shuffle whole rollout batches: a global micro-batch is then one rollout batch on any number
         # of processes (every rank trains its slice of it), so 2 processes train exactly what 1 does.
-        batch_order = torch.randperm(len(batches), generator=keyed_generator(cfg.seed, 29, rl.epoch, inner))
+        batch_order = torch.randperm(len(batches), generator=keyed_generator(cfg.seed, rng.NFT_BATCH_ORDER,
+                                                                               rl.epoch, inner))
         order = [b * cfg.train_batch_size + i for b in batch_order.tolist() for i in range(cfg.train_batch_size)]
-        gens = {i: keyed_generator(cfg.seed, 31, rl.epoch, inner, image_ids[i]) for i in order}
+        gens = {i: keyed_generator(cfg.seed, rng.NFT_LEVELS, rl.epoch, inner, image_ids[i]) for i in order}
         levels = {i: nft_train_steps(num_levels, cfg.rl_timestep_fraction, gens[i]) for i in order}
         for start in range(0, n, cfg.train_batch_size):
             idx = order[start:start + cfg.train_batch_size]
@@ -103,17 +120,9 @@ def nft_update(trainer, batches, rewards, end: int) -> dict[str, float]:
             for j in range(num_trained):
                 t = sigmas[[levels[i][j] for i in idx]].to(acc.device)
                 noise = torch.stack([torch.randn(x0.shape[1:], generator=gens[i]) for i in idx]).to(x0.device)
-                x_t = interpolate(x0, noise, t)  # float32: x̂0 = x_t − t·v is formed from it in the loss
-                x_in = x_t.to(model.dtype)  # only the model input is rounded
                 with acc.accumulate(trainer.adapter):
-                    with acc.autocast():
-                        v_theta = model.velocity(x_in, t, sub, adapter=trainer.adapter)
-                        with torch.no_grad():
-                            v_old = model.velocity(x_in, t, sub, params=old)
-                            v_ref = model.velocity(x_in, t, sub, params=ref) if ref is not None else v_old
-                    loss, info = nft_loss(x0, x_t, t, v_theta, v_old, v_ref, adv, cfg.nft_beta, cfg.nft_adv_mode,
-                                          cfg.rl_adv_clip_max, cfg.rl_kl_beta if ref is not None else 0.0, valid=valid,
-                                          token_weights=tokens[idx])
+                    loss, info = nft_step_loss(trainer.model, sub, x0, noise, t, adv, **settings, valid=valid,
+                                               token_weights=tokens[idx])
                     acc.backward(loss)
                     grad_norm = trainer.optimizer_step(loss)
                 infos.append({**info, "loss": loss.detach()})
@@ -127,4 +136,3 @@ def nft_update(trainer, batches, rewards, end: int) -> dict[str, float]:
                 if trainer.global_step >= end:
                     return last
     return last
-

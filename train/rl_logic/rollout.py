@@ -7,6 +7,8 @@ Groups are a sampler concern. RL batch ``b`` of RL epoch ``e`` holds ``m = G / k
 initial noise and its SDE noise) comes from a generator keyed by (seed, RL epoch, batch, global
 image index): neither the process count nor a resume changes what is sampled.
 
+One RL epoch's rollouts (:func:`rollout_epoch`) are the same for both methods but for the sampler of a
+batch: GRPO's SDE window with log-probabilities, NFT's deterministic sampler with the old adapter.
 Rewards are scored in the background (``reward_fn.submit``) while the next batch rolls out, then
 gathered from every process; every process computes the same advantages on the whole epoch and
 keeps its slice. A reward that failed stays NaN: dropped within ``--reward_failure_budget``, a
@@ -20,31 +22,22 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import torch
 
 from .. import checkpointing as ckpt
+from .. import rng
 from ..data import buckets
-from ..data.preprocess import collate_samples, tensor_to_pil
+from ..data.preprocess import SampleBatch, collate_samples, tensor_to_pil
 from ..models.calligrapher import FillConditioning
 from ..models.checkpoint_io import atomic_write_text
 from ..rewards.base import RewardItem, RewardResult, parse_reward_weights
 from ..rl_ip.param_copy import ParamCopy, copy_dtypes
-from ..rl_ip.reward import RewardError, build_reward_fn
-from ..rl_ip.sampling import sde_step_with_logprob
+from ..rl_ip.reward import build_reward_fn, check_failure_budget, reward_stats, reward_table
+from ..rl_ip.sampling import Trajectory, denoise
 from ..rl_ip.stat_tracking import compute_advantages
-
-
-def _key(*parts: int) -> int:
-    h = 0
-    for p in parts:
-        h = (h * 1_000_003 + int(p)) % (2**61 - 1)
-    return h
-
-
-def keyed_generator(*parts: int) -> torch.Generator:
-    """A CPU generator seeded by a tuple of integers (seed, epoch, ...)."""
-    return torch.Generator().manual_seed(_key(*parts))
+from ..rng import keyed_generator
 
 
 @dataclass
@@ -113,37 +106,29 @@ def start_rl(trainer, with_old: bool) -> RLContext:
 
 
 # ---------------------------------------------------------------------- rollouts
-def rollout_batch(trainer, rl_epoch: int, batch_index: int):
-    """This rank's images of RL batch ``batch_index``: ``(SampleBatch, image_keys, group_keys_global)``.
+@dataclass
+class BatchDraw:
+    """The images of one RL batch: G = ``train_batch_size x processes`` global images, B on this rank."""
 
-    ``image_keys`` are the global image indices of this rank's images; ``group_keys_global`` the
-    record id of every global image (the same list on every rank).
-    """
+    samples: SampleBatch  # this rank's B samples
+    image_keys: list[int]  # [B] each one's global image index in the batch (keys its noise)
+    group_keys: list[str]  # [G] the record id of every global image of the batch (the same list on every rank)
+
+
+def rollout_batch(trainer, rl_epoch: int, batch_index: int) -> BatchDraw:
+    """This rank's images of RL batch ``batch_index`` of RL epoch ``rl_epoch``."""
     cfg, acc = trainer.cfg, trainer.accelerator
     k, m, n = cfg.rl_num_images_per_prompt, trainer.global_batch // cfg.rl_num_images_per_prompt, len(trainer.dataset)
     # Passes over the data, each a keyed permutation cut into batches of m records of one canvas size.
     per_pass = buckets.batches_per_order(trainer.canvas_sizes, n, m)
     passes, j = divmod(rl_epoch * cfg.rl_num_batches_per_epoch + batch_index, per_pass)
-    order = torch.randperm(n, generator=keyed_generator(cfg.seed, 7, passes)).tolist()
+    order = torch.randperm(n, generator=keyed_generator(cfg.seed, rng.RL_DATA_ORDER, passes)).tolist()
     indices = buckets.same_size_batches(order, trainer.canvas_sizes, m)[j]
     global_images = [indices[j // k] for j in range(trainer.global_batch)]
     lo = acc.process_index * cfg.train_batch_size
     mine = list(range(lo, lo + cfg.train_batch_size))
     batch = collate_samples([trainer.dataset[global_images[j]] for j in mine])
-    group_keys = [trainer.dataset.records[i].id for i in global_images]
-    return batch, mine, group_keys
-
-
-@dataclass
-class Trajectory:
-    """One rollout batch. ``latents[:, s]`` -> ``next_latents[:, s]`` is stochastic step ``steps[s]``."""
-
-    final: torch.Tensor  # [B, L, C] clean latents
-    steps: list[int] = field(default_factory=list)
-    latents: torch.Tensor | None = None  # [B, S, L, C]
-    next_latents: torch.Tensor | None = None
-    log_probs: torch.Tensor | None = None  # [B, S]
-    means: torch.Tensor | None = None  # [B, S, L, C] the steps' means (kept for GRPO-Guard only)
+    return BatchDraw(batch, mine, [trainer.dataset.records[i].id for i in global_images])
 
 
 @dataclass
@@ -157,43 +142,65 @@ class RolloutBatch:
     traj: Trajectory  # GRPO: the stochastic steps; NFT: only ``final``
 
 
-@torch.no_grad()
+@dataclass
+class EpochRollouts:
+    """This rank's rollouts of one RL epoch, ``--rl_num_batches_per_epoch`` batches of B images each."""
+
+    batches: list[RolloutBatch]  # one per rollout batch, in order
+    rewards: list[PendingRewards]  # one per rollout batch: its B rewards, scored in the background
+    group_keys: list[str]  # [processes x batches x B] the record id of every image of the epoch in the order
+    # of the gathered rewards: rank-major, then batch, then position (collect_rewards)
+
+
+# sampler(batch_index, cond, generators, sigmas, tokens) -> Trajectory: how a method samples one rollout batch
+Sampler = Callable[[int, FillConditioning, list[torch.Generator], torch.Tensor, torch.Tensor], Trajectory]
+
+
+def rollout_epoch(trainer, ctx: RLContext, epoch: int, sampler: Sampler) -> EpochRollouts:
+    """Roll out RL epoch ``epoch``: per batch draw the images, condition, sample with the method's ``sampler``,
+    decode and submit the rewards (scored while the next batch rolls out)."""
+    cfg, acc = trainer.cfg, trainer.accelerator
+    t0 = time.perf_counter()
+    batches, rewards, group_keys = [], [], []
+    for b in range(cfg.rl_num_batches_per_epoch):
+        draw = rollout_batch(trainer, epoch, b)
+        cond = trainer.condition(draw.samples, cfg.rl_guidance_scale)
+        sigmas = trainer.model.sigmas(cfg.rl_num_inference_steps, cond.cond_latents.shape[1])
+        tokens = trainer.rl_tokens(draw.samples).to(cond.cond_latents.device)
+        traj = sampler(b, cond, image_generators(cfg, epoch, b, draw.image_keys), sigmas, tokens)
+        rewards.append(submit_rewards(ctx.reward_fn, draw.samples, decode(trainer, traj.final, cond),
+                                      f"e{epoch}b{b}", draw.image_keys))
+        batches.append(RolloutBatch(cond, sigmas, [b * trainer.global_batch + j for j in draw.image_keys], tokens,
+                                    traj))
+        group_keys.append(draw.group_keys)
+    ctx.timings["rollout_s"] = time.perf_counter() - t0
+    per_rank = cfg.train_batch_size
+    ranked = [k for r in range(acc.num_processes) for keys in group_keys
+              for k in keys[r * per_rank:(r + 1) * per_rank]]
+    return EpochRollouts(batches, rewards, ranked)
+
+
 def sample_trajectory(trainer, cond: FillConditioning, generators: list[torch.Generator], sigmas: torch.Tensor,
                       stochastic: range | None = None, noise_level: float = 0.0, sde_type: str = "sde",
                       params: dict | None = None, token_weights: torch.Tensor | None = None,
                       keep_means: bool = False) -> Trajectory:
-    """Roll out from per-image noise. Steps in ``stochastic`` draw from the SDE and are recorded
-    (never the final step); every other step is the deterministic (Euler) case of the same function.
-    ``token_weights [B, L]`` weight the recorded log-probabilities' tokens (``Trainer.rl_tokens``)."""
+    """Roll out from per-image noise (``generators`` draw it, then the SDE noise) with the live adapter, or
+    with the adapter weights ``params``; the state stays float32, the model sees its own dtype under autocast.
+    The other arguments are :func:`~train.rl_ip.sampling.denoise`'s."""
     model, acc = trainer.model, trainer.accelerator
     h, w = cond.latent_size
     shape = ((h // 2) * (w // 2), 64)
     x = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(model.device, torch.float32)
-    num_steps = len(sigmas) - 1
-    record = [i for i in (stochastic or ()) if i < num_steps - 1]
-    lat, nxt, logp, means = [], [], [], []
-    for i in range(num_steps):
+
+    def velocity(x, sigma):
         with acc.autocast():
-            v = model.velocity(x.to(model.dtype), sigmas[i], cond, adapter=trainer.adapter, params=params)
-        noisy = i in record
-        x_next, log_prob, mean, _ = sde_step_with_logprob(
-            v, sigmas[i], sigmas[i + 1], x, noise_level if noisy else 0.0, generator=generators if noisy else None,
-            sde_type=sde_type, sigma_max=float(sigmas[1]), token_weights=token_weights if noisy else None)
-        if noisy:
-            lat.append(x)
-            nxt.append(x_next)
-            logp.append(log_prob)
-            if keep_means:
-                means.append(mean)
-        x = x_next
-    if not record:
-        return Trajectory(final=x)
-    return Trajectory(final=x, steps=record, latents=torch.stack(lat, 1), next_latents=torch.stack(nxt, 1),
-                      log_probs=torch.stack(logp, 1), means=torch.stack(means, 1) if keep_means else None)
+            return model.velocity(x.to(model.dtype), sigma, cond, adapter=trainer.adapter, params=params)
+
+    return denoise(velocity, x, sigmas, stochastic, noise_level, generators, sde_type, token_weights, keep_means)
 
 
 def image_generators(cfg, rl_epoch: int, batch_index: int, image_keys: list[int]) -> list[torch.Generator]:
-    return [keyed_generator(cfg.seed, 11, rl_epoch, batch_index, j) for j in image_keys]
+    return [keyed_generator(cfg.seed, rng.ROLLOUT_NOISE, rl_epoch, batch_index, j) for j in image_keys]
 
 
 def _crop(t: torch.Tensor, box) -> torch.Tensor:
@@ -230,10 +237,10 @@ class PendingRewards:
                 for item, ok in zip(self.items, self.finite)]
 
 
-def submit_rewards(reward_fn, batch, pixels: torch.Tensor, tag: str, image_keys: list[int]):
-    """Start scoring a batch's generated canvases ``[B, 3, H, W]``: ``(PendingRewards, items)``."""
+def submit_rewards(reward_fn, batch, pixels: torch.Tensor, tag: str, image_keys: list[int]) -> PendingRewards:
+    """Start scoring a batch's generated canvases ``[B, 3, H, W]``."""
     items = reward_items(batch, pixels, tag, image_keys)
-    return PendingRewards(reward_fn, items, torch.isfinite(pixels.flatten(1)).all(1).tolist()), items
+    return PendingRewards(reward_fn, items, torch.isfinite(pixels.flatten(1)).all(1).tolist())
 
 
 def decode(trainer, latents: torch.Tensor, cond: FillConditioning) -> torch.Tensor:
@@ -250,44 +257,26 @@ class EpochRewards:
     items: list = field(default_factory=list)  # (RewardItem, RewardResult) of this rank, for image grids
 
 
-def collect_rewards(trainer, ctx: RLContext, futures: list, group_keys: list) -> EpochRewards:
-    """Wait for this rank's rewards, gather every rank's, compute advantages, keep this rank's slice.
-
-    ``futures`` are ``(future, items)`` per rollout batch; ``group_keys`` the global record id per
-    image in rank-major order (the order of the gathered tensors).
-    """
+def collect_rewards(trainer, ctx: RLContext, rollouts: EpochRollouts) -> EpochRewards:
+    """Wait for this rank's rewards, gather every rank's, compute advantages, keep this rank's slice."""
     cfg, acc = trainer.cfg, trainer.accelerator
     t0 = time.perf_counter()
     results, items = [], []
-    for fut, its in futures:
-        results.extend(fut.result())
-        items.extend(its)
+    for pending in rollouts.rewards:
+        results.extend(pending.result())
+        items.extend(pending.items)
     ctx.timings["reward_wait_s"] = time.perf_counter() - t0
     names = list(ctx.weights)
-    local = torch.tensor([[r.reward if r.ok and r.reward is not None and math.isfinite(r.reward) else math.nan]
-                          + [r.scores.get(n, math.nan) for n in names] for r in results], dtype=torch.float64)
+    local = reward_table(results, names)
     everything = acc.gather(local.to(acc.device)).cpu()
     rewards, scores = everything[:, 0], {n: everything[:, 1 + i] for i, n in enumerate(names)}
-    failed = int(torch.isnan(rewards).sum())
-    total = rewards.numel()
-    if failed and (failed > cfg.reward_failure_budget * total or failed == total):
-        first = next((f"{r.id}: {r.error}" for r in results if not r.ok), "on another process")
-        raise RewardError(f"{failed}/{total} rewards failed in RL epoch {trainer.rl.epoch} (allowed fraction "
-                          f"{cfg.reward_failure_budget:g}); first error: {first[:300]}")
-    adv = compute_advantages(rewards, group_keys, per_group=cfg.rl_per_prompt_stat_tracking,
+    check_failure_budget(rewards, cfg.reward_failure_budget, results, f"rewards failed in RL epoch {trainer.rl.epoch}")
+    adv = compute_advantages(rewards, rollouts.group_keys, per_group=cfg.rl_per_prompt_stat_tracking,
                              global_std=cfg.rl_global_std, adv_clip_max=cfg.rl_adv_clip_max,
                              scores=scores, weights=ctx.weights, per_scorer=cfg.rl_reward_norm == "per_scorer")
     n_local = local.shape[0]
     lo = acc.process_index * n_local
-    ok = rewards[~torch.isnan(rewards)]
-    metrics = {"reward/mean": ok.mean().item(), "reward/std": ok.std(unbiased=False).item(),
-               "reward/min": ok.min().item(), "reward/max": ok.max().item(), "reward/failed": float(failed)}
-    for n, s in scores.items():
-        s = s[~torch.isnan(s)]
-        if s.numel():
-            metrics[f"reward/{n}_mean"], metrics[f"reward/{n}_std"] = s.mean().item(), s.std(unbiased=False).item()
-    top = ok.sort(descending=True).values
-    metrics["reward/top25_mean"] = top[:max(1, len(top) // 4)].mean().item()
+    metrics = reward_stats(rewards, scores)
     metrics.update({k: float(v) for k, v in adv.stats.items()})
     return EpochRewards(rewards=rewards[lo:lo + n_local].float(), advantages=adv.advantages[lo:lo + n_local].float(),
                         valid=adv.valid[lo:lo + n_local], metrics=metrics,
@@ -295,6 +284,14 @@ def collect_rewards(trainer, ctx: RLContext, futures: list, group_keys: list) ->
 
 
 # ---------------------------------------------------------------------- evaluation and images
+class Evaluation(NamedTuple):
+    """One entry of the RL state's ``evals`` (stored as a list)."""
+
+    rl_epoch: int
+    heldout: float  # the held-out figure (heldout_metric)
+    train_reward: float  # the epoch's mean training reward; NaN at RL start
+
+
 @torch.no_grad()
 def evaluate_heldout(trainer, ctx: RLContext, train_reward: float = math.nan) -> dict[str, float] | None:
     """Deterministic samples of the held-out set (fixed noise per sample) scored with the eval weights.
@@ -312,7 +309,7 @@ def evaluate_heldout(trainer, ctx: RLContext, train_reward: float = math.nan) ->
         out.update(_evaluate_weights(trainer, ctx, "eval_ema", trainer.ema.copy.params(acc.device)))
     out["timing/eval_s"] = time.perf_counter() - t0
     trainer.log(out)
-    trainer.rl.evals.append([trainer.rl.epoch, out[heldout_metric(trainer)], train_reward])
+    trainer.rl.evals.append(list(Evaluation(trainer.rl.epoch, out[heldout_metric(trainer)], train_reward)))
     if acc.is_main_process:  # one row per entry of rl.evals, so a resume can cut the file back to its checkpoint
         line = {"global_step": trainer.global_step, "rl_epoch": trainer.rl.epoch,
                 **{k: v if math.isfinite(v) else None for k, v in out.items()}}
@@ -347,26 +344,24 @@ def _evaluate_weights(trainer, ctx: RLContext, prefix: str, params: dict | None)
         batch = collate_samples([ds[i] for i in idx])
         cond = trainer.condition(batch, cfg.rl_guidance_scale)
         sigmas = trainer.model.sigmas(steps, cond.cond_latents.shape[1])
-        traj = sample_trajectory(trainer, cond, [keyed_generator(cfg.seed, 13, i) for i in idx], sigmas,
-                                 params=params)
-        pending, items = submit_rewards(ctx.eval_reward_fn, batch, decode(trainer, traj.final, cond), prefix, idx)
+        traj = sample_trajectory(trainer, cond, [keyed_generator(cfg.seed, rng.HELDOUT_NOISE, i) for i in idx],
+                                 sigmas, params=params)
+        pending = submit_rewards(ctx.eval_reward_fn, batch, decode(trainer, traj.final, cond), prefix, idx)
         scored = pending.result()
         results.extend(scored)
-        shown.extend(zip(items, scored))
+        shown.extend(zip(pending.items, scored))
     from accelerate.utils import gather_object
 
-    rows = gather_object([[r.reward if r.ok else None, dict(r.scores)] for r in results])
-    rewards = [r for r, _ in rows if r is not None]
-    failed = len(rows) - len(rewards)
-    if failed and (failed > cfg.reward_failure_budget * len(rows) or not rewards):
-        first = next((f"{r.id}: {r.error}" for r in results if not r.ok), "on another process")
-        raise RewardError(f"{failed}/{len(rows)} held-out rewards ({prefix}/) failed at global_step "
-                          f"{trainer.global_step} (allowed fraction {cfg.reward_failure_budget:g}); first error: "
-                          f"{first[:300]}")
+    names = list(ctx.eval_weights)
+    rows = gather_object(reward_table(results, names).tolist())  # every process's rows
+    table = torch.tensor(rows, dtype=torch.float64).reshape(-1, 1 + len(names))
+    failed = check_failure_budget(table[:, 0], cfg.reward_failure_budget, results,
+                                  f"held-out rewards ({prefix}/) failed at global_step {trainer.global_step}")
+    rewards = [r for r in table[:, 0].tolist() if not math.isnan(r)]
     out = {f"{prefix}/reward_mean": sum(rewards) / len(rewards) if rewards else math.nan,
-           f"{prefix}/failed": float(len(rows) - len(rewards))}
-    for name in ctx.eval_weights:
-        vals = [s[name] for _, s in rows if name in s]
+           f"{prefix}/failed": float(failed)}
+    for i, name in enumerate(names):
+        vals = [v for v in table[:, 1 + i].tolist() if not math.isnan(v)]
         if vals:
             out[f"{prefix}/{name}_mean"] = sum(vals) / len(vals)
     if cfg.rl_image_log_every:
@@ -382,20 +377,20 @@ def watch_heldout(trainer) -> tuple[bool, str | None]:
     the last ``--rl_divergence_patience`` evaluations while the training reward rose over the same span — the
     policy games the training reward.
     """
-    cfg, evals = trainer.cfg, trainer.rl.evals
-    value = evals[-1][1]
-    best = math.isfinite(value) and all(value > v for _, v, _ in evals[:-1] if math.isfinite(v))
+    cfg, evals = trainer.cfg, [Evaluation(*e) for e in trainer.rl.evals]
+    value = evals[-1].heldout
+    best = math.isfinite(value) and all(value > e.heldout for e in evals[:-1] if math.isfinite(e.heldout))
     p = cfg.rl_divergence_patience
     if not p or len(evals) <= p:
         return best, None
     window = evals[-p - 1:]
-    fell = all(b[1] < a[1] for a, b in zip(window, window[1:]))
-    trained = [t for _, _, t in window if math.isfinite(t)]  # the RL-start evaluation has no training reward
+    fell = all(b.heldout < a.heldout for a, b in zip(window, window[1:]))
+    trained = [e.train_reward for e in window if math.isfinite(e.train_reward)]  # none at RL start
     rose = len(trained) >= 2 and trained[-1] > trained[0]
     if not (fell and rose):
         return best, None
     return best, (f"the held-out {heldout_metric(trainer)} fell at each of the last {p} evaluations "
-                  f"({window[0][1]:.4f} -> {window[-1][1]:.4f}) while the training reward rose "
+                  f"({window[0].heldout:.4f} -> {window[-1].heldout:.4f}) while the training reward rose "
                   f"({trained[0]:.4f} -> {trained[-1]:.4f}): the policy may be gaming the training reward")
 
 

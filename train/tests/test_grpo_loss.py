@@ -11,6 +11,7 @@ from train.rl_ip.grpo_utils import GuardTerms, grpo_guard_terms, grpo_loss
 from train.rl_ip.sampling import sde_step_with_logprob
 
 EPS, ADV_MAX = 0.2, 5.0
+CLIPS = dict(clip_range=EPS, adv_clip_max=ADV_MAX)
 
 
 def _log_probs(ratios):
@@ -21,7 +22,7 @@ def _log_probs(ratios):
 
 def test_unclipped_by_hand():
     log_prob, old = _log_probs([1.1, 0.9])
-    loss, info = grpo_loss(log_prob, old, torch.tensor([1.0, -2.0]), EPS, ADV_MAX)
+    loss, info = grpo_loss(log_prob, old, torch.tensor([1.0, -2.0]), **CLIPS)
     # −A·ratio = [−1.1, 1.8], inside the clip range: mean 0.35
     assert loss.item() == pytest.approx(0.35, rel=1e-6)
     assert info["policy_loss"].item() == pytest.approx(0.35, rel=1e-6)
@@ -33,7 +34,7 @@ def test_unclipped_by_hand():
 
 def test_clipped_above_with_positive_advantage():
     log_prob, old = _log_probs([1.5])
-    loss, info = grpo_loss(log_prob, old, torch.tensor([2.0]), EPS, ADV_MAX)
+    loss, info = grpo_loss(log_prob, old, torch.tensor([2.0]), **CLIPS)
     # max(−2·1.5, −2·1.2) = −2.4; the clipped branch carries no gradient
     assert loss.item() == pytest.approx(-2.4, rel=1e-6)
     assert info["clipfrac"].item() == 1.0
@@ -43,7 +44,7 @@ def test_clipped_above_with_positive_advantage():
 
 def test_clipped_below_with_negative_advantage():
     log_prob, old = _log_probs([0.5])
-    loss, info = grpo_loss(log_prob, old, torch.tensor([-1.0]), EPS, ADV_MAX)
+    loss, info = grpo_loss(log_prob, old, torch.tensor([-1.0]), **CLIPS)
     # max(1·0.5, 1·0.8) = 0.8; no gradient
     assert loss.item() == pytest.approx(0.8, rel=1e-6)
     assert info["clipfrac"].item() == 1.0
@@ -55,7 +56,7 @@ def test_mixed_batch_values_gradient_and_statistics():
     ratios = [1.1, 1.5, 0.5, 0.5, 1.5, 0.7]
     advantages = torch.tensor([1.0, 2.0, -1.0, 2.0, -1.0, 8.0])
     log_prob, old = _log_probs(ratios)
-    loss, info = grpo_loss(log_prob, old, advantages, EPS, ADV_MAX)
+    loss, info = grpo_loss(log_prob, old, advantages, **CLIPS)
     # per sample: −1.1 (inside), −2.4 (clipped above), 0.8 (clipped below),
     # max(−1.0, −1.6) = −1.0 and max(1.5, 1.2) = 1.5 (pessimistic side is the unclipped one),
     # A = 8 clamped to 5 with ratio 0.7: max(−3.5, −4.0) = −3.5. Mean: −5.7 / 6 = −0.95
@@ -78,7 +79,7 @@ def test_mixed_batch_values_gradient_and_statistics():
 
 def test_advantage_clamp():
     log_prob, old = _log_probs([1.0, 1.0, 1.0])
-    loss, info = grpo_loss(log_prob, old, torch.tensor([-10.0, 12.0, 3.0]), EPS, ADV_MAX)
+    loss, info = grpo_loss(log_prob, old, torch.tensor([-10.0, 12.0, 3.0]), **CLIPS)
     # A → [−5, 5, 3]; policy = −(−5 + 5 + 3)/3
     assert loss.item() == pytest.approx(-1.0)
     assert info["adv_abs_mean"].item() == pytest.approx(13 / 3)
@@ -86,7 +87,7 @@ def test_advantage_clamp():
 
 def test_first_inner_epoch_ratio_is_one():
     log_prob = torch.tensor([-1.3, 0.2, 4.0], requires_grad=True)
-    loss, info = grpo_loss(log_prob, log_prob.detach().clone(), torch.tensor([1.0, -2.0, 0.5]), EPS, ADV_MAX)
+    loss, info = grpo_loss(log_prob, log_prob.detach().clone(), torch.tensor([1.0, -2.0, 0.5]), **CLIPS)
     assert info["ratio_min"].item() == info["ratio_max"].item() == 1.0
     assert info["clipfrac"].item() == 0.0 and info["approx_kl"].item() == 0.0
     loss.backward()
@@ -100,7 +101,8 @@ def test_rescored_rollout_gives_ratio_one_and_no_kl_against_itself():
     v_theta = v.clone().requires_grad_(True)
     _, lp, mean, std_t = sde_step_with_logprob(v_theta, 0.7, 0.6, x, 0.7, prev_sample=prev.detach())
     ref_mean = sde_step_with_logprob(v, 0.7, 0.6, x, 0.7, prev_sample=prev)[2]
-    loss, info = grpo_loss(lp, old_lp, torch.tensor([1.0, -1.0, 0.5, 2.0]), EPS, ADV_MAX, mean, ref_mean, std_t, 0.1)
+    loss, info = grpo_loss(lp, old_lp, torch.tensor([1.0, -1.0, 0.5, 2.0]), **CLIPS, mean=mean, ref_mean=ref_mean,
+                           std_dev_t=std_t, kl_beta=0.1)
     assert info["ratio_min"].item() == info["ratio_max"].item() == 1.0 and info["kl"].item() == 0.0
     loss.backward()
     assert v_theta.grad.abs().sum() > 0
@@ -110,9 +112,9 @@ def test_kl_is_zero_when_the_means_agree():
     log_prob, old = _log_probs([1.1, 0.7])
     adv = torch.tensor([1.0, -1.0])
     mean = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(0))
-    plain, _ = grpo_loss(log_prob, old, adv, EPS, ADV_MAX)
+    plain, _ = grpo_loss(log_prob, old, adv, **CLIPS)
     loss, info = grpo_loss(
-        log_prob, old, adv, EPS, ADV_MAX, mean=mean, ref_mean=mean.clone(), std_dev_t=torch.ones(2), kl_beta=0.5
+        log_prob, old, adv, **CLIPS, mean=mean, ref_mean=mean.clone(), std_dev_t=torch.ones(2), kl_beta=0.5
     )
     assert info["kl"].item() == 0.0 and torch.equal(loss, plain)
 
@@ -124,7 +126,7 @@ def test_kl_by_hand():
     ref = torch.tensor([[0.0, 0.0], [0.0, 3.0]], requires_grad=True)  # the reference is a fixed target
     # sample 0: mean((1, 4)) / (2·0.5²) = 2.5 / 0.5 = 5; sample 1: mean((0, 9)) / (2·1²) = 2.25; KL = 3.625
     std = torch.tensor([0.5, 1.0])
-    loss, info = grpo_loss(log_prob, old, adv, EPS, ADV_MAX, mean=mean, ref_mean=ref, std_dev_t=std, kl_beta=0.1)
+    loss, info = grpo_loss(log_prob, old, adv, **CLIPS, mean=mean, ref_mean=ref, std_dev_t=std, kl_beta=0.1)
     assert info["kl"].item() == pytest.approx(3.625)
     assert loss.item() == pytest.approx(0.3625)
     assert info["policy_loss"].item() == 0.0
@@ -133,27 +135,29 @@ def test_kl_by_hand():
     assert mean.grad.flatten().tolist() == pytest.approx([0.1, 0.2, 0.0, -0.075])
     assert ref.grad is None
     # a scalar std: sample 1 becomes 4.5 / 0.5 = 9, KL = (5 + 9)/2
-    _, info = grpo_loss(log_prob, old, adv, EPS, ADV_MAX, mean=mean, ref_mean=ref, std_dev_t=0.5, kl_beta=0.1)
+    _, info = grpo_loss(log_prob, old, adv, **CLIPS, mean=mean, ref_mean=ref, std_dev_t=0.5, kl_beta=0.1)
     assert info["kl"].item() == pytest.approx(7.0)
     # β = 0: no KL term, even with the means given
-    loss, info = grpo_loss(log_prob, old, adv, EPS, ADV_MAX, mean=mean, ref_mean=ref, std_dev_t=0.5, kl_beta=0.0)
+    loss, info = grpo_loss(log_prob, old, adv, **CLIPS, mean=mean, ref_mean=ref, std_dev_t=0.5, kl_beta=0.0)
     assert info["kl"].item() == 0.0 and loss.item() == 0.0
 
 
 def test_bad_inputs_raise():
     log_prob, old = _log_probs([1.0, 1.0])
     with pytest.raises(ValueError, match="kl_beta > 0 needs mean, ref_mean and std_dev_t"):
-        grpo_loss(log_prob, old, torch.ones(2), EPS, ADV_MAX, kl_beta=0.1)
+        grpo_loss(log_prob, old, torch.ones(2), **CLIPS, kl_beta=0.1)
     with pytest.raises(ValueError, match=r"must all be \[B\]"):
-        grpo_loss(log_prob, old, torch.ones(3), EPS, ADV_MAX)
+        grpo_loss(log_prob, old, torch.ones(3), **CLIPS)
     with pytest.raises(ValueError, match=r"must all be \[B\]"):  # [B, 1] everywhere would broadcast quietly
-        grpo_loss(log_prob[:, None], old[:, None], torch.ones(2, 1), EPS, ADV_MAX)
+        grpo_loss(log_prob[:, None], old[:, None], torch.ones(2, 1), **CLIPS)
     with pytest.raises(ValueError, match=r"must both be \[B, \.\.\.\]"):  # 3 means for 2 log-probs
-        grpo_loss(log_prob, old, torch.ones(2), EPS, ADV_MAX, mean=torch.ones(3, 4), ref_mean=torch.ones(3, 4),
+        grpo_loss(log_prob, old, torch.ones(2), **CLIPS, mean=torch.ones(3, 4), ref_mean=torch.ones(3, 4),
                   std_dev_t=1.0, kl_beta=0.1)
     with pytest.raises(ValueError, match=r"must both be \[B, \.\.\.\]"):
-        grpo_loss(log_prob, old, torch.ones(2), EPS, ADV_MAX, mean=torch.ones(2, 3), ref_mean=torch.ones(2, 4),
+        grpo_loss(log_prob, old, torch.ones(2), **CLIPS, mean=torch.ones(2, 3), ref_mean=torch.ones(2, 4),
                   std_dev_t=1.0, kl_beta=0.1)
+    with pytest.raises(TypeError):  # hyper-parameters are keyword-only: no silent swap of the two clips
+        grpo_loss(log_prob, old, torch.ones(2), EPS, ADV_MAX)
 
 
 # ---- GRPO-Guard: normalised log-ratio ℓ̂ = s·(Δlogp + ⟨Δμ²⟩/(2s²)), s = std_t·sqrt(σ − σ'), weight 1/(σ − σ') ----
@@ -229,7 +233,7 @@ def test_guard_ratio_is_exactly_one_on_policy():
     terms = grpo_guard_terms(mean, old_mean.detach(), prev.detach(), std_t, sigma, sigma_next)
     assert torch.equal(torch.exp(terms.log_ratio), torch.ones(4))
     adv = torch.tensor([1.0, -1.0, 0.5, 2.0])
-    loss, info = grpo_loss(lp, old_lp, adv, EPS, ADV_MAX, guard=terms)
+    loss, info = grpo_loss(lp, old_lp, adv, **CLIPS, guard=terms)
     assert info["ratio_min"].item() == info["ratio_max"].item() == 1.0 and info["clipfrac"].item() == 0.0
     # policy = mean(w·(−A)) with w = 1/(σ − σ') = (20, 10, 20, 5)
     assert loss.item() == pytest.approx((-20 * 1 + 10 * 1 - 20 * 0.5 - 5 * 2) / 4, rel=1e-5)
@@ -242,7 +246,7 @@ def test_grpo_loss_with_guard_by_hand():
     weight = torch.tensor([4.0, 2.0])
     log_prob = torch.tensor([0.3, -0.2], requires_grad=True)
     old = torch.tensor([0.1, -0.2])
-    loss, info = grpo_loss(log_prob, old, torch.tensor([1.0, -1.0]), EPS, ADV_MAX, guard=(log_ratio, weight))
+    loss, info = grpo_loss(log_prob, old, torch.tensor([1.0, -1.0]), **CLIPS, guard=(log_ratio, weight))
     # sample 0: ratio 1.1 inside the clip, −A·ratio = −1.1, ×4 = −4.4; sample 1: ratio 0.5, A = −1:
     # max(0.5, 0.8) = 0.8 (clipped), ×2 = 1.6; policy = (−4.4 + 1.6)/2 = −1.4
     assert loss.item() == pytest.approx(-1.4, rel=1e-6)
@@ -260,9 +264,9 @@ def test_guard_weight_scales_each_samples_gradient():
     log_ratio = torch.tensor([0.05, -0.02, 0.1], requires_grad=True)
     adv = torch.tensor([1.0, -2.0, 0.5])
     weight = torch.tensor([3.0, 0.5, 7.0])
-    plain, _ = grpo_loss(torch.zeros(3), torch.zeros(3), adv, EPS, ADV_MAX, guard=(log_ratio, torch.ones(3)))
+    plain, _ = grpo_loss(torch.zeros(3), torch.zeros(3), adv, **CLIPS, guard=(log_ratio, torch.ones(3)))
     (g_plain,) = torch.autograd.grad(plain, log_ratio)
-    weighted, _ = grpo_loss(torch.zeros(3), torch.zeros(3), adv, EPS, ADV_MAX, guard=(log_ratio, weight))
+    weighted, _ = grpo_loss(torch.zeros(3), torch.zeros(3), adv, **CLIPS, guard=(log_ratio, weight))
     (g_weighted,) = torch.autograd.grad(weighted, log_ratio)
     assert g_weighted.tolist() == pytest.approx((weight * g_plain).tolist(), rel=1e-6)
     assert g_plain.tolist() == pytest.approx((-adv * torch.exp(log_ratio.detach()) / 3).tolist(), rel=1e-6)
@@ -292,8 +296,8 @@ def test_guard_weight_equalises_the_velocity_gradient_across_steps():
 def test_guard_with_unit_weight_and_plain_log_ratio_is_plain_grpo():
     log_prob, old = _log_probs([1.1, 1.5, 0.5])
     adv = torch.tensor([1.0, 2.0, -1.0])
-    plain, plain_info = grpo_loss(log_prob, old, adv, EPS, ADV_MAX)
-    guarded, info = grpo_loss(log_prob, old, adv, EPS, ADV_MAX, guard=(log_prob - old, torch.ones(3)))
+    plain, plain_info = grpo_loss(log_prob, old, adv, **CLIPS)
+    guarded, info = grpo_loss(log_prob, old, adv, **CLIPS, guard=(log_prob - old, torch.ones(3)))
     assert torch.equal(plain, guarded)
     assert all(torch.equal(plain_info[k], info[k]) for k in plain_info)
     assert set(info) - set(plain_info) == {"raw_ratio_mean", "guard_weight_mean"}
@@ -321,9 +325,9 @@ def test_guard_bad_inputs_raise():
         grpo_guard_terms(mean, old_mean, prev, std, torch.tensor([0.5, 0.6, 0.7]), sigma_next)
     log_prob, old = _log_probs([1.0, 1.0])
     with pytest.raises(ValueError, match=r"guard log_ratio \(3,\) and weight \(2,\) must both be \[B=2\]"):
-        grpo_loss(log_prob, old, torch.ones(2), EPS, ADV_MAX, guard=(torch.zeros(3), torch.ones(2)))
+        grpo_loss(log_prob, old, torch.ones(2), **CLIPS, guard=(torch.zeros(3), torch.ones(2)))
     with pytest.raises(ValueError, match=r"must both be \[B=2\]"):
-        grpo_loss(log_prob, old, torch.ones(2), EPS, ADV_MAX, guard=(torch.zeros(2), torch.ones(2, 1)))
+        grpo_loss(log_prob, old, torch.ones(2), **CLIPS, guard=(torch.zeros(2), torch.ones(2, 1)))
 
 
 def test_kl_with_token_weights_by_hand():
@@ -332,8 +336,8 @@ def test_kl_with_token_weights_by_hand():
     ref = -torch.tensor([[[1.0, 1.0], [2.0, 2.0], [3.0, 3.0]]])
     zero = torch.zeros(1)
     w = torch.tensor([[1.0, 0.0, 1.0]])
-    _, info = grpo_loss(zero, zero, zero, 0.2, 5.0, mean=mean, ref_mean=ref, std_dev_t=1.0, kl_beta=1.0,
+    _, info = grpo_loss(zero, zero, zero, **CLIPS, mean=mean, ref_mean=ref, std_dev_t=1.0, kl_beta=1.0,
                         token_weights=w)
     assert info["kl"].item() == pytest.approx(10.0 / 2 / 2)
-    _, plain = grpo_loss(zero, zero, zero, 0.2, 5.0, mean=mean, ref_mean=ref, std_dev_t=1.0, kl_beta=1.0)
+    _, plain = grpo_loss(zero, zero, zero, **CLIPS, mean=mean, ref_mean=ref, std_dev_t=1.0, kl_beta=1.0)
     assert plain["kl"].item() == pytest.approx(14.0 / 3 / 2)

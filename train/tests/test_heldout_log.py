@@ -44,14 +44,14 @@ def test_a_rollout_image_with_non_finite_pixels_fails_its_reward_and_is_never_sc
     pixels[1, 0, 20, 5] = float("nan")
     pixels[2, 2, 70, 9] = float("inf")
     scorer = CountingContrast()
-    pending, items = rollout.submit_rewards(LocalReward({"contrast": scorer}, {"contrast": 1.0}), batch, pixels,
-                                            "e0b0", [0, 1, 2])
+    pending = rollout.submit_rewards(LocalReward({"contrast": scorer}, {"contrast": 1.0}), batch, pixels, "e0b0",
+                                     [0, 1, 2])
     results = pending.result()
     assert [r.ok for r in results] == [True, False, False]
     assert all(r.reward is None and r.error == rollout.NONFINITE for r in results[1:])
-    assert scorer.seen == ["e0b0-0"] and [r.id for r in results] == [i.id for i in items]
-    pending, _ = rollout.submit_rewards(LocalReward({"contrast": scorer}, {"contrast": 1.0}),
-                                        collate_samples([ds[1], ds[2]]), pixels[1:], "e0b1", [1, 2])
+    assert scorer.seen == ["e0b0-0"] and [r.id for r in results] == [i.id for i in pending.items]
+    pending = rollout.submit_rewards(LocalReward({"contrast": scorer}, {"contrast": 1.0}),
+                                     collate_samples([ds[1], ds[2]]), pixels[1:], "e0b1", [1, 2])
     assert [r.ok for r in pending.result()] == [False, False] and scorer.seen == ["e0b0-0"]  # nothing sent
 
 

@@ -11,6 +11,8 @@ import torch
 from train.rl_logic.nft_forward import ADV_MODES, nft_decay, nft_loss, nft_r
 
 CLIP = 5.0
+NORMAL = dict(beta=0.5, adv_mode="normal", adv_clip_max=CLIP, kl_beta=0.1)  # the loss's hyper-parameters
+NO_KL = {**NORMAL, "kl_beta": 0.0}
 ADVANTAGES = [-7.0, -5.0, -2.5, -1.0, 0.0, 1.0, 2.5, 5.0, 7.0]
 # r = clamp(A / 5 / 2 + 0.5, 0, 1) after clamping A to [-5, 5] and applying the mode.
 R_TABLE = {
@@ -91,7 +93,8 @@ def test_loss_matches_hand_computation(mode):
     x0, xt, t, vth, vold, vref = batch()
     beta, kl_beta = 0.3, 0.01
     vth.requires_grad_(True)
-    loss, info = nft_loss(x0, xt, t, vth, vold, vref, torch.tensor(MODE_ADVANTAGES), beta, mode, CLIP, kl_beta)
+    loss, info = nft_loss(x0, xt, t, vth, vold, vref, torch.tensor(MODE_ADVANTAGES), beta=beta, adv_mode=mode,
+                          adv_clip_max=CLIP, kl_beta=kl_beta)
     exp_loss, exp_policy, exp_kl, exp_dev, exp_lpos, exp_lneg, exp_grad = hand_nft(
         x0.tolist(), xt.tolist(), t.tolist(), vth.tolist(), vold.tolist(), vref.tolist(), MODE_R[mode], beta,
         CLIP, kl_beta)
@@ -115,7 +118,7 @@ def test_x0_weight_clamped_at_1e_5():
     xt = torch.zeros(2, 1, 2)
     t = torch.tensor([0.5, 0.5])
     v = torch.tensor([[[-4e-6, -4e-6]], [[-4e-5, -8e-5]]])  # x̂0 = x_t - t·v = -t·v
-    loss, info = nft_loss(x0, xt, t, v, v.clone(), v.clone(), torch.tensor([1.0, -1.0]), 0.5, "normal", CLIP, 0.1)
+    loss, info = nft_loss(x0, xt, t, v, v.clone(), v.clone(), torch.tensor([1.0, -1.0]), **NORMAL)
     l0 = (2e-6) ** 2 / 1e-5
     l1 = ((2e-5) ** 2 + (4e-5) ** 2) / 2 / 3e-5
     # v_theta == v_old, so L+ == L- and r drops out: policy = mean(L) / beta * clip.
@@ -129,7 +132,7 @@ def test_gradient_reaches_only_v_theta():
     inputs = [x0, xt, t, vth, vold, vref, torch.tensor(MODE_ADVANTAGES)]
     for x in inputs:
         x.requires_grad_(True)
-    loss, _ = nft_loss(*inputs, 0.5, "normal", CLIP, 0.1)
+    loss, _ = nft_loss(*inputs, **NORMAL)
     loss.backward()
     assert vth.grad is not None and vth.grad.abs().sum() > 0 and torch.isfinite(vth.grad).all()
     for name, x in zip(("x0", "x_t", "t", "v_old", "v_ref", "advantages"), inputs[:3] + inputs[4:]):
@@ -138,8 +141,7 @@ def test_gradient_reaches_only_v_theta():
 
 def test_identical_predictions_have_no_kl_and_no_old_deviation():
     x0, xt, t, vth, _, _ = batch(seed=2)
-    loss, info = nft_loss(x0, xt, t, vth, vth.clone(), vth.clone(), torch.tensor(MODE_ADVANTAGES), 0.5, "normal",
-                          CLIP, 0.1)
+    loss, info = nft_loss(x0, xt, t, vth, vth.clone(), vth.clone(), torch.tensor(MODE_ADVANTAGES), **NORMAL)
     assert info["kl"].item() == 0.0 and info["old_deviate"].item() == 0.0
     assert loss.item() == info["policy_loss"].item()
     assert info["loss_pos"].item() == info["loss_neg"].item()  # v+ == v- == v_old
@@ -148,8 +150,8 @@ def test_identical_predictions_have_no_kl_and_no_old_deviation():
 def test_low_precision_inputs_are_computed_in_float32():
     tensors = [x.to(torch.bfloat16) for x in batch(seed=3)]
     adv = torch.tensor(MODE_ADVANTAGES)
-    loss, info = nft_loss(*tensors, adv, 0.3, "normal", CLIP, 0.1)
-    ref_loss, ref_info = nft_loss(*(x.float() for x in tensors), adv, 0.3, "normal", CLIP, 0.1)
+    loss, info = nft_loss(*tensors, adv, **{**NORMAL, "beta": 0.3})
+    ref_loss, ref_info = nft_loss(*(x.float() for x in tensors), adv, **{**NORMAL, "beta": 0.3})
     assert loss.dtype == torch.float32 and torch.equal(loss, ref_loss)
     assert all(torch.equal(info[k], ref_info[k]) for k in info)
 
@@ -158,15 +160,16 @@ def test_bad_arguments_raise():
     x0, xt, t, vth, vold, vref = batch()
     adv = torch.tensor(MODE_ADVANTAGES)
     with pytest.raises(ValueError, match="v_old has shape"):
-        nft_loss(x0, xt, t, vth, vold[:, :1], vref, adv, 0.5, "normal", CLIP, 0.1)
+        nft_loss(x0, xt, t, vth, vold[:, :1], vref, adv, **NORMAL)
     with pytest.raises(ValueError, match="advantages must have shape"):
-        nft_loss(x0, xt, t, vth, vold, vref, adv[:3], 0.5, "normal", CLIP, 0.1)
+        nft_loss(x0, xt, t, vth, vold, vref, adv[:3], **NORMAL)
     for beta in (0.0, 1.5):  # β > 1 would give v⁺ a negative weight on v_old
         with pytest.raises(ValueError, match="--nft_beta"):
-            nft_loss(x0, xt, t, vth, vold, vref, adv, beta, "normal", CLIP, 0.1)
+            nft_loss(x0, xt, t, vth, vold, vref, adv, **{**NORMAL, "beta": beta})
     with pytest.raises(ValueError, match="at least 2 dims"):
-        nft_loss(*(x[:, 0, 0] for x in (x0, xt)), t, *(x[:, 0, 0] for x in (vth, vold, vref)), adv, 0.5, "normal",
-                 CLIP, 0.1)
+        nft_loss(*(x[:, 0, 0] for x in (x0, xt)), t, *(x[:, 0, 0] for x in (vth, vold, vref)), adv, **NORMAL)
+    with pytest.raises(TypeError):  # hyper-parameters are keyword-only: no silent swap of beta and kl_beta
+        nft_loss(x0, xt, t, vth, vold, vref, adv, 0.5, "normal", CLIP, 0.1)
 
 
 # ---- old-adapter decay -------------------------------------------------------------------------------------------
@@ -199,10 +202,10 @@ def test_failed_samples_add_nothing_to_the_policy_term():
     x0, x_t, v, v_old = (torch.randn(2, 3, 4) for _ in range(4))
     v = v.requires_grad_()
     t, adv = torch.tensor([0.3, 0.7]), torch.tensor([1.0, -2.0])
-    both, _ = nft_loss(x0, x_t, t, v, v_old, v_old, adv, 0.5, "normal", 5.0, 0.0)
-    only_first, _ = nft_loss(x0, x_t, t, v, v_old, v_old, adv, 0.5, "normal", 5.0, 0.0,
+    both, _ = nft_loss(x0, x_t, t, v, v_old, v_old, adv, **NO_KL)
+    only_first, _ = nft_loss(x0, x_t, t, v, v_old, v_old, adv, **NO_KL,
                              valid=torch.tensor([True, False]))
-    first_alone, _ = nft_loss(x0[:1], x_t[:1], t[:1], v[:1], v_old[:1], v_old[:1], adv[:1], 0.5, "normal", 5.0, 0.0)
+    first_alone, _ = nft_loss(x0[:1], x_t[:1], t[:1], v[:1], v_old[:1], v_old[:1], adv[:1], **NO_KL)
     assert torch.allclose(only_first, first_alone / 2) and not torch.allclose(only_first, both)
     only_first.backward()
     assert torch.all(v.grad[1] == 0) and torch.any(v.grad[0] != 0)

@@ -215,6 +215,24 @@ def test_working_memory_extrapolated_from_shallow_runs_equals_the_deep_run(narro
         assert extrapolated[phase] == max(direct[phase].values()), phase
 
 
+@pytest.mark.parametrize("method", ["grpo", "nft"])
+def test_the_measured_trained_step_is_the_loops_own(narrow_spec, method, monkeypatch):
+    """The planner runs the GRPO / NFT loops' own trained-step function, once per measured step, on the
+    step's [B, L] token weights: a copy of the step kept for the planner would drift from the loop."""
+    from train.rl_logic import grpo_trainer, nft_trainer
+
+    module, name = (grpo_trainer, "grpo_step_loss") if method == "grpo" else (nft_trainer, "nft_step_loss")
+    real, calls = getattr(module, name), []
+
+    def spy(*args, **kwargs):
+        calls.append(tuple(kwargs["token_weights"].shape))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, spy)
+    _depth_peaks(narrow_spec.with_depth(1, 1), StepShape(method, 2, (80, 64), 8, 4, "no", False, True, True, "fp32"))
+    assert calls == [(2, 20)]  # 80 x 64 pixels: (80 / 16) x (64 / 16) tokens
+
+
 @pytest.mark.slow
 def test_working_memory_grows_with_batch_and_shrinks_with_checkpointing(narrow_spec):
     spec = narrow_spec.with_depth(2, 2)

@@ -13,7 +13,8 @@ from PIL import Image
 
 from train.reward_server import create_app
 from train.rewards import BackgroundScorer, RewardItem, decode_png_b64
-from train.rl_ip.reward import LocalReward, RemoteReward, RewardError, apply_failure_policy, build_reward_fn
+from train.rl_ip.reward import (LocalReward, RemoteReward, RewardError, build_reward_fn, check_failure_budget,
+                                reward_table)
 from train.tests.reward_helpers import (FaultInjector, ServerThread, free_port, render_scene, spawn_server,  # noqa: F401
                                         tiny_siglip)
 
@@ -124,7 +125,7 @@ def test_only_real_numbers_in_0_1_count_as_scores():
         assert r.error.startswith("invalid reply from the reward server: scores.background: Input should be"), (v, r)
     assert [(r.reward, r.error) for r in res[len(bad):]] == [(1.0, None), (0.0, None), (0.25, None), (1.0, None)]
     with pytest.raises(RewardError, match=f"{len(bad)}/{len(values)} rewards failed"):
-        apply_failure_policy(res, 0.5)
+        check_failure_budget(reward_table(res)[:, 0], 0.5, res, "rewards failed")
 
 
 def test_http_500_then_recovery_is_retried():
@@ -144,7 +145,7 @@ def test_500_past_the_retries_fails_the_items_and_the_step():
         res = fn(items(2))
         assert all(r.reward is None and "HTTP 500" in r.error and "3 attempt" in r.error for r in res)
         with pytest.raises(RewardError, match="2/2 rewards failed"):
-            apply_failure_policy(res, 0.0)
+            check_failure_budget(reward_table(res)[:, 0], 0.0, res, "rewards failed")
         fn.close()
 
 
@@ -192,8 +193,9 @@ def test_bad_item_errors_alone_through_the_client():
         res = fn(batch)
         assert res[1].reward is None and "mask is 4x4" in res[1].error
         assert res[0].reward == pytest.approx(expected(0)) and res[2].reward == pytest.approx(expected(2))
-        rewards, valid = apply_failure_policy(res, 0.5)
-        assert valid.tolist() == [True, False, True] and rewards[1].isnan()
+        rewards = reward_table(res)[:, 0]
+        assert rewards.isnan().tolist() == [False, True, False]
+        assert check_failure_budget(rewards, 0.5, res, "rewards failed") == 1
 
 
 def test_local_and_remote_give_the_same_results():
@@ -237,7 +239,7 @@ def test_server_killed_mid_run_fails_cleanly_or_falls_back():
         res = alone(items(2))
         assert all(r.reward is None and "ConnectError" in r.error for r in res)
         with pytest.raises(RewardError, match="2/2 rewards failed"):
-            apply_failure_policy(res, 0.0)
+            check_failure_budget(reward_table(res)[:, 0], 0.0, res, "rewards failed")
         res = with_fallback(items(2))
         assert [r.reward for r in res] == pytest.approx([expected(0), expected(1)])
     finally:

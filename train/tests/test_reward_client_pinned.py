@@ -14,7 +14,8 @@ from PIL import Image
 
 from train.rewards import BackgroundScorer, RewardItem, schema
 from train.rewards.base import RewardResult
-from train.rl_ip.reward import LocalReward, RemoteReward, RewardError, apply_failure_policy, reward_stats
+from train.rl_ip.reward import (LocalReward, RemoteReward, RewardError, check_failure_budget, reward_stats,
+                                reward_table)
 
 
 class Scripted:
@@ -164,25 +165,27 @@ def r(i, reward, error=None, **scores):
 
 def test_failure_budget_boundaries():
     results = [r(0, 0.5), r(1, None, "boom"), r(2, 0.25), r(3, 1.0)]
-    rewards, valid = apply_failure_policy(results, max_failed_fraction=0.25)  # 1 of 4 failed: allowed
-    assert valid.tolist() == [True, False, True, True]
+    rewards = reward_table(results)[:, 0]
     assert math.isnan(rewards[1]) and rewards[[0, 2, 3]].tolist() == [0.5, 0.25, 1.0]
-    with pytest.raises(RewardError, match="1/4 rewards failed"):
-        apply_failure_policy(results, max_failed_fraction=0.2)
+    assert check_failure_budget(rewards, 0.25, results, "rewards failed") == 1  # 1 of 4 failed: allowed
+    with pytest.raises(RewardError, match="1/4 rewards failed in epoch 3 .*first error: i1: boom"):
+        check_failure_budget(rewards, 0.2, results, "rewards failed in epoch 3")
+    both = [r(0, None, "a"), r(1, None, "b")]
     with pytest.raises(RewardError, match="2/2 rewards failed"):  # all failed: always an error
-        apply_failure_policy([r(0, None, "a"), r(1, None, "b")], max_failed_fraction=1.0)
-    _, valid = apply_failure_policy([r(0, float("inf")), r(1, 0.5)], max_failed_fraction=0.5)
-    assert valid.tolist() == [False, True]  # a non-finite reward is a failure, not a value
-    with pytest.raises(ValueError, match="max_failed_fraction"):
-        apply_failure_policy(results, max_failed_fraction=1.5)
+        check_failure_budget(reward_table(both)[:, 0], 1.0, both, "rewards failed")
+    assert math.isnan(reward_table([r(0, float("inf")), r(1, 0.5)])[0, 0])  # a non-finite reward is a failure
 
 
 def test_reward_stats_by_hand():
     results = [r(0, 0.2, background=0.2), r(1, 0.4, background=0.4), r(2, 0.9, background=0.9),
                r(3, None, "failed"), r(4, float("nan"))]
-    stats = reward_stats(results)
+    table = reward_table(results, ["background"])
+    assert table[:, 1].isnan().tolist() == [False, False, False, True, True]  # no score: NaN, not 0
+    stats = reward_stats(table[:, 0], {"background": table[:, 1]})
     assert stats["reward/failed"] == 2.0
     assert stats["reward/mean"] == pytest.approx(0.5)
     assert (stats["reward/min"], stats["reward/max"]) == (0.2, 0.9)
     assert stats["reward/std"] == pytest.approx(math.sqrt((0.3 ** 2 + 0.1 ** 2 + 0.4 ** 2) / 3))
-    assert stats["reward/background"] == pytest.approx(0.5)
+    assert stats["reward/top25_mean"] == 0.9  # the best quarter of 3 rewards: the best one
+    assert stats["reward/background_mean"] == pytest.approx(0.5)
+    assert stats["reward/background_std"] == pytest.approx(stats["reward/std"])

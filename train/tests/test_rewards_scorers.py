@@ -19,7 +19,8 @@ from train.rewards import (BackgroundScorer, RewardItem, RewardResult, build_sco
 from train.rewards.codec import PNG_SIGNATURE, ImageDecodeError, ImageTooLargeError, _chunk
 from train.rewards.ocr import edit_distance
 from train.rewards.vlm import VLMScorer, chat_completions_url, parse_judge_score
-from train.rl_ip.reward import LocalReward, RewardError, apply_failure_policy, build_reward_fn, reward_stats
+from train.rl_ip.reward import (LocalReward, RewardError, build_reward_fn, check_failure_budget, reward_stats,
+                                reward_table)
 from train.tests.reward_helpers import ChatJudgeStub, prompt_text, render_scene, tiny_siglip  # noqa: F401
 
 
@@ -368,12 +369,14 @@ def test_local_reward_and_failure_policy():
     results = fn.submit([good, bad]).result(timeout=30)
     assert [r.id for r in results] == [good.id, "bad"]
     assert results[0].reward == 1.0 and results[1].reward is None and "needs source" in results[1].error
+    rewards = reward_table(results)[:, 0]
     with pytest.raises(RewardError, match=r"1/2 rewards failed.*bad: background"):
-        apply_failure_policy(results, 0.0)
-    rewards, valid = apply_failure_policy(results, 0.5)
-    assert valid.tolist() == [True, False] and rewards[0] == 1.0 and math.isnan(rewards[1])
+        check_failure_budget(rewards, 0.0, results, "rewards failed")
+    assert check_failure_budget(rewards, 0.5, results, "rewards failed") == 1
+    assert rewards[0] == 1.0 and math.isnan(rewards[1])
+    both = [results[1], replace(results[1], id="x")]
     with pytest.raises(RewardError, match="2/2"):
-        apply_failure_policy([results[1], replace(results[1], id="x")], 1.0)
+        check_failure_budget(reward_table(both)[:, 0], 1.0, both, "rewards failed")
     with pytest.raises(ValueError, match="not loaded"):
         LocalReward({"background": BackgroundScorer()}, {"ocr": 1.0})
     fn.close()
@@ -382,13 +385,14 @@ def test_local_reward_and_failure_policy():
 def test_failure_policy_never_fills_in_values():
     results = [RewardResult("a", 0.25, {"ocr": 0.25}, {}, None), RewardResult("b", None, {}, {}, "timeout"),
                RewardResult("c", float("nan"), {}, {}, None), RewardResult("d", 0.75, {"ocr": 0.75}, {}, None)]
-    rewards, valid = apply_failure_policy(results, 0.5)
-    assert valid.tolist() == [True, False, False, True]
+    table = reward_table(results, ["ocr"])
+    rewards = table[:, 0]
+    assert check_failure_budget(rewards, 0.5, results, "rewards failed") == 2
     assert rewards[0] == 0.25 and math.isnan(rewards[1]) and math.isnan(rewards[2]) and rewards[3] == 0.75
-    stats = reward_stats(results)
-    assert stats["reward/failed"] == 2 and stats["reward/mean"] == 0.5 and stats["reward/ocr"] == 0.5
+    stats = reward_stats(rewards, {"ocr": table[:, 1]})
+    assert stats["reward/failed"] == 2 and stats["reward/mean"] == 0.5 and stats["reward/ocr_mean"] == 0.5
     with pytest.raises(RewardError, match="2/4"):
-        apply_failure_policy(results, 0.25)
+        check_failure_budget(rewards, 0.25, results, "rewards failed")
 
 
 def test_weighted_total_and_zero_weight_errors_do_not_fail(ocr):

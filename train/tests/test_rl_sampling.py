@@ -12,6 +12,7 @@ import torch
 from train.rl_ip.sampling import (
     check_sde_window,
     choose_train_steps,
+    denoise,
     nft_train_steps,
     sde_step_with_logprob,
     sde_window,
@@ -307,3 +308,32 @@ def test_window_without_a_range_lies_in_the_default_range():
     starts = Counter(sde_window(10, 2, None, g, default_range=(0, 5))[0] for _ in range(500))
     assert set(starts) == {0, 1, 2, 3}
     assert sde_window(10, 0, None, g, default_range=(0, 5)) == (0, 5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_denoise_is_euler_in_the_dtype_it_starts_in(dtype):
+    """Without stochastic steps the loop is x <- x + dt·v step by step, computed in float32 and rounded back to the
+    starting dtype after each step (inference keeps the model's dtype, RL rollouts float32); nothing is recorded."""
+    sigmas = torch.tensor([1.0, 0.7, 0.3, 0.0])
+    x0 = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(0)).to(dtype)
+
+    def velocity(x, sigma):
+        assert x.dtype == dtype
+        return x * 0.5 + float(sigma)
+
+    x = x0
+    for i in range(3):
+        x = (x.float() + (sigmas[i + 1] - sigmas[i]) * velocity(x, sigmas[i]).float()).to(dtype)
+    traj = denoise(velocity, x0, sigmas)
+    assert traj.final.dtype == dtype and torch.equal(traj.final, x) and traj.steps == [] and traj.latents is None
+
+
+def test_denoise_records_only_its_stochastic_steps_never_the_last():
+    sigmas = torch.tensor([1.0, 0.7, 0.3, 0.0])
+    x0 = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(0))
+    gens = [torch.Generator().manual_seed(i) for i in range(2)]
+    traj = denoise(lambda x, sigma: -x, x0, sigmas, stochastic=range(1, 3), noise_level=0.7, generators=gens,
+                   keep_means=True)
+    assert traj.steps == [1] and traj.latents.shape == traj.next_latents.shape == traj.means.shape == (2, 1, 3, 4)
+    assert traj.log_probs.shape == (2, 1) and torch.equal(traj.latents[:, 0], denoise(lambda x, s: -x, x0,
+                                                                                    sigmas[:2]).final)

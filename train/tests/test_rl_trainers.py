@@ -229,7 +229,8 @@ def test_each_copy_uses_its_own_projection_and_attention(calligrapher, data, par
 def test_old_adapter_rollout_equals_a_rollout_with_those_weights_installed(tiny_models, data, tmp_path):
     from train.data.preprocess import collate_samples
     from train.rl_ip.param_copy import ParamCopy
-    from train.rl_logic.rollout import keyed_generator, sample_trajectory
+    from train.rl_logic.rollout import sample_trajectory
+    from train.rng import keyed_generator
 
     trainer = Trainer(parse_args(rl_args(tiny_models, data, tmp_path / "run", 1, method="nft")))
     trainer.setup()
