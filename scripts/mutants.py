@@ -70,6 +70,7 @@ FM, SUP = "train/flow_matching.py", "train/supervised.py"
 CK, EMA, PC = "train/checkpointing.py", "train/rl_ip/ema.py", "train/rl_ip/param_copy.py"
 TR, RW = "train/trainer.py", "train/rl_ip/reward.py"
 CIO, PRC, BK = "train/models/checkpoint_io.py", "train/data/prompt_cache.py", "train/data/buckets.py"
+RNG = "train/rng.py"
 SAM, GR, ST = "train/rl_ip/sampling.py", "train/rl_ip/grpo_utils.py", "train/rl_ip/stat_tracking.py"
 NF, SC = "train/rl_logic/nft_forward.py", "train/sample_cache.py"
 GT, RO, NT = "train/rl_logic/grpo_trainer.py", "train/rl_logic/rollout.py", "train/rl_logic/nft_trainer.py"
@@ -189,11 +190,11 @@ MUTANTS = [
     M("ema", PC, "            t.copy_(state[n].to(t.device, t.dtype))", "            pass"),
 
     # ------------------------------------------------------------------ data order (a copy of trainer.py)
-    M("data_order", TR, "(seed * 1_000_003 + epoch) * 1_000_000_007 + position", "(seed * 1_000_003) * 1_000_000_007 + position"),
-    M("data_order", TR, "(seed * 1_000_003 + epoch) * 1_000_000_007 + position", "(seed * 1_000_003 + epoch) * 1_000_000_007"),
-    M("data_order", TR, "(seed * 1_000_003 + epoch) * 1_000_000_007 + position", "epoch * 1_000_000_007 + position"),
-    M("data_order", TR, "manual_seed(self.cfg.seed * 7919 + epoch)", "manual_seed(self.cfg.seed * 7919)"),
-    M("data_order", TR, "manual_seed(self.cfg.seed * 7919 + epoch)", "manual_seed(epoch)"),
+    M("data_order", RNG, "(seed * 1_000_003 + epoch) * 1_000_000_007 + position", "(seed * 1_000_003) * 1_000_000_007 + position"),
+    M("data_order", RNG, "(seed * 1_000_003 + epoch) * 1_000_000_007 + position", "(seed * 1_000_003 + epoch) * 1_000_000_007"),
+    M("data_order", RNG, "(seed * 1_000_003 + epoch) * 1_000_000_007 + position", "epoch * 1_000_000_007 + position"),
+    M("data_order", RNG, "manual_seed(seed * 7919 + epoch)", "manual_seed(seed * 7919)"),
+    M("data_order", RNG, "manual_seed(seed * 7919 + epoch)", "manual_seed(epoch)"),
     M("data_order", TR, "return torch.randperm(len(self.dataset), generator=g).tolist()",
       "return list(range(len(self.dataset)))"),
     M("data_order", TR, "start = m * self.global_batch + rank * b", "start = m * self.global_batch"),
@@ -208,13 +209,13 @@ MUTANTS = [
       "same_size_batches(self.epoch_order(epoch), None, self.global_batch)"),
     M("data_order", TR, "return self.dataset[index], (epoch, position)", "return self.dataset[index], (position, epoch)"),
     # the keys by hand: other formulas give other (still distinct) streams, or collide across seeds and epochs
-    M("data_order", TR, "(seed * 1_000_003 + epoch) * 1_000_000_007 + position",
+    M("data_order", RNG, "(seed * 1_000_003 + epoch) * 1_000_000_007 + position",
       "seed * 1_000_003 + epoch * 1_000_000_007 + position"),
-    M("data_order", TR, "(seed * 1_000_003 + epoch) * 1_000_000_007 + position",
+    M("data_order", RNG, "(seed * 1_000_003 + epoch) * 1_000_000_007 + position",
       "(seed * 1_000_003 + position) * 1_000_000_007 + epoch"),
-    M("data_order", TR, "(seed * 1_000_003 + epoch) * 1_000_000_007 + position", "(seed + epoch) * 1_000_000_007 + position"),
-    M("data_order", TR, "manual_seed(self.cfg.seed * 7919 + epoch)", "manual_seed(self.cfg.seed + epoch)"),
-    M("data_order", TR, "manual_seed(self.cfg.seed * 7919 + epoch)", "manual_seed(self.cfg.seed * 7919 + epoch + 1)"),
+    M("data_order", RNG, "(seed * 1_000_003 + epoch) * 1_000_000_007 + position", "(seed + epoch) * 1_000_000_007 + position"),
+    M("data_order", RNG, "manual_seed(seed * 7919 + epoch)", "manual_seed(seed + epoch)"),
+    M("data_order", RNG, "manual_seed(seed * 7919 + epoch)", "manual_seed(seed * 7919 + epoch + 1)"),
     M("data_order", TR, "torch.randperm(len(self.dataset), generator=g)", "torch.randperm(len(self.dataset))"),
     # the supervised phase draws each sample's noise, then its noise level, from that sample's key
     M("data_order", SUP, "draws = [sample_generator(cfg.seed, e, p) for e, p in keys]",

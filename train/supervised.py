@@ -9,11 +9,15 @@ accelerate; LR, EMA, logging and checkpoints are the run's shared :meth:`Trainer
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
 from .flow_matching import flow_matching_loss, interpolate, pixel_mask_to_tokens, sample_sigmas, token_weights
-from .trainer import Trainer, sample_generator
+from .rng import sample_generator
+
+if TYPE_CHECKING:  # the trainer runs this phase; the phase only reads its state
+    from .trainer import Trainer
 
 
 def training_sigmas(model) -> torch.Tensor:

@@ -38,6 +38,7 @@ from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 from safetensors import SafetensorError
 
 from . import checkpointing as ckpt
+from . import rng
 from .config import ConfigError, TrainConfig, initial_adapter_file
 from .data import buckets
 from .data.dataset import CalligraphyDataset, load_records
@@ -51,11 +52,6 @@ from .rl_ip.ema import EMA
 from .sample_cache import EncoderCache, available_host_bytes, latent_bytes_per_sample
 
 _DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def sample_generator(seed: int, epoch: int, position: int) -> torch.Generator:
-    """The random stream of one sample draw, independent of batch size, accumulation and process count."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1_000_000_007 + position)
 
 
 # Gradients as views into DDP's communication buckets: without it every process holds a second fp32
@@ -476,7 +472,7 @@ class Trainer:
     # ------------------------------------------------------------------ data
     def epoch_order(self, epoch: int) -> list[int]:
         """Dataset indices in the order epoch ``epoch`` visits them (the same on every rank)."""
-        g = torch.Generator().manual_seed(self.cfg.seed * 7919 + epoch)
+        g = rng.epoch_order_generator(self.cfg.seed, epoch)
         return torch.randperm(len(self.dataset), generator=g).tolist()
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:

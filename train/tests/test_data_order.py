@@ -12,7 +12,8 @@ from train.config import parse_args
 from train.data.preprocess import collate_samples
 from train.data.synthesize import synthesize
 from train.tests.train_helpers import tiny_train_args
-from train.trainer import Trainer, sample_generator
+from train.rng import sample_generator
+from train.trainer import Trainer
 
 
 def bare_trainer(tmp_path, n: int, batch: int, rank: int = 0, processes: int = 1, seed: int = 0) -> Trainer:

@@ -90,7 +90,7 @@ def test_one_training_step_computes_the_flow_matching_loss_by_hand(tiny_models, 
     """The supervised loss of a micro-batch equals a from-scratch computation: keyed noise and
     noise level, x_t on the straight line, target eps - x0, mask-weighted MSE over the source region."""
     from train.supervised import supervised_loss, training_sigmas
-    from train.trainer import sample_generator
+    from train.rng import sample_generator
 
     data = synthesize(tmp_path / "data", num=2, resolution=64, seed=5)
     cfg = parse_args(tiny_train_args(tiny_models, data, tmp_path / "run", 1, masked_loss_weight=3.0))
