@@ -1,4 +1,4 @@
-"""Gradient accumulation with EMA and an LR schedule (SPEC §6, §9): batch 4 x accumulation 1 and
+"""Gradient accumulation with EMA and an LR schedule (docs/ARCHITECTURE.md §6, §9): batch 4 x accumulation 1 and
 batch 1 x accumulation 4 write the same checkpoints, and EMA / scheduler advance once per optimizer step."""
 
 from __future__ import annotations

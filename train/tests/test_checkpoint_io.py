@@ -1,5 +1,5 @@
 """Adapter weight files: both layouts, strict loading and layout detection, the finiteness check, atomic writes, the
-weight file of a checkpoint folder, and the full-size key/shape contract (SPEC §5)."""
+weight file of a checkpoint folder, and the full-size key/shape contract (docs/ARCHITECTURE.md §5)."""
 
 from __future__ import annotations
 
@@ -148,7 +148,7 @@ def test_full_size_export_matches_the_released_checkpoint_layout():
     n_mlp = sum(torch.Size(s).numel() for s in mlp.values())
     n_qf = sum(torch.Size(s).numel() for s in qformer.values())
     n_kv = sum(torch.Size(s).numel() for s in attn.values())
-    # SPEC §13: MLP 1.21 B, Q-Former 0.37 B, 57 x K/V 1.43 B, about 3.02 B in all.
+    # docs/ARCHITECTURE.md §13: MLP 1.21 B, Q-Former 0.37 B, 57 x K/V 1.43 B, about 3.02 B in all.
     assert (round(n_mlp / 1e9, 2), round(n_qf / 1e9, 2), round(n_kv / 1e9, 2)) == (1.21, 0.37, 1.43)
     assert round((n_mlp + n_qf + n_kv) / 1e9, 2) == 3.02
 

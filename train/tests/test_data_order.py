@@ -1,4 +1,4 @@
-"""The keyed data order (SPEC §5, §6): per-epoch permutations, per-sample noise keys that never
+"""The keyed data order (docs/ARCHITECTURE.md §5, §6): per-epoch permutations, per-sample noise keys that never
 repeat, ranks that split each global micro-batch, and a resume that repeats and skips nothing."""
 
 from __future__ import annotations

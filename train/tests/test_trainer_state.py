@@ -1,4 +1,4 @@
-"""The shared run state on tiny real components (SPEC §5, §6): the LR phase schedule by hand, the optimizer's
+"""The shared run state on tiny real components (docs/ARCHITECTURE.md §5, §6): the LR phase schedule by hand, the optimizer's
 settings, what is logged and checkpointed at which step, the state a checkpoint holds and a resume restores, the
 checkpoint-and-stop of a SIGTERM, gradient clipping, the seeded adapter, the RL start, and the start-up checks
 of the data (canvas sizes, prompt groups)."""
