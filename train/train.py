@@ -53,5 +53,17 @@ def main(argv=None) -> int:
     return 0
 
 
+def _shutdown_processes() -> None:
+    """Tear the process group down before the interpreter exits: gloo's threads otherwise may abort the exit."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        code = main()
+    finally:
+        _shutdown_processes()
+    sys.exit(code)
